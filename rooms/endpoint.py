@@ -1,0 +1,451 @@
+"""The room socket ``/ws/rooms/{room_id}``: the only module here that touches a socket.
+
+Life of a connection: accept → authenticate and check membership (4401/4403/4404)
+→ join the local room (subscribed before anything is read, so nothing published
+from now on is missed) → presence → ``welcome`` → replay what a resuming client
+missed → two loops: the outbox pump (room → socket) and the inbox (socket → room).
+Whichever ends first ends the other; leaving the room and presence happen on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from rooms.access import Access, Authenticator
+from rooms.broker import Envelope
+from rooms.errors import (
+    BadMessage,
+    CloseCode,
+    MessageTooBig,
+    RateLimited,
+    RoomError,
+    TryAgainLater,
+)
+from rooms.hub import ChatRequest, LocalRoom, Member, RoomHub
+from rooms.limits import TokenBucket
+from rooms.messages import (
+    ChatDelete,
+    ChatEdit,
+    ChatRead,
+    ChatSend,
+    ClientMessage,
+    InvalidMessage,
+    NotJSON,
+    Ping,
+    Status,
+    Typing,
+    create_chat_change,
+    create_chat_message,
+    create_error,
+    encode,
+    parse_client_message,
+)
+from rooms.metrics import Metrics
+from rooms.outbox import Outbox
+from rooms.presence import Change, PresenceStore, PresenceUser
+from storage.chat import edits_between, mark_read, messages_between, room_counters
+from storage.events import EventRow
+
+log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SocketLimits:
+    """Per-connection limits (all settings; see the README)."""
+
+    max_frame_bytes: int
+    max_text_chars: int
+    messages_per_second: float
+    message_burst: int
+    max_connections_per_user: int
+    send_queue_frames: int
+    open_timeout: float
+    typing_timeout: float
+    close_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoomServices:
+    """What the room socket needs, built once by the app (no module-level state)."""
+
+    auth: Authenticator
+    hub: RoomHub
+    presence: PresenceStore
+    metrics: Metrics
+    limits: SocketLimits
+
+
+def _parse_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadMessage("bad query parameter") from None
+    if number < 0:
+        raise BadMessage("bad query parameter")
+    return number
+
+
+async def close_with(websocket: WebSocket, code: int, reason: str, timeout: float) -> None:
+    """Close the socket once; gives up after ``timeout`` (a client that stopped reading
+    cannot receive a close frame; the server drops it when the function returns)."""
+    if websocket.application_state != WebSocketState.CONNECTED:
+        return
+    with anyio.move_on_after(timeout):
+        try:
+            await websocket.close(code, reason)
+        except Exception:  # noqa: BLE001 - the peer is already gone; nothing to tell it
+            return
+
+
+async def room_socket(websocket: WebSocket) -> None:
+    services: RoomServices = websocket.app.state.room_services
+    metrics = services.metrics
+    conn_id = uuid.uuid4().hex
+    # Accept first, so a browser sees our close code rather than a bare 1006.
+    await websocket.accept()
+    code: int = CloseCode.NORMAL
+    reason = ""
+    try:
+        with anyio.fail_after(services.limits.open_timeout):
+            room_id = _parse_int(websocket.path_params.get("room_id"))
+            assert room_id is not None
+            params = websocket.query_params
+            after = _parse_int(params.get("after"))
+            edits_after = _parse_int(params.get("edits_after"))
+            access = await services.auth.admit(
+                room_id,
+                token=params.get("token"),
+                cookies=websocket.cookies,
+                origin=websocket.headers.get("origin"),
+                host=websocket.headers.get("host"),
+                scheme=websocket.url.scheme,
+            )
+        metrics.connections_total.inc()
+        await Connection(websocket, services, access, conn_id).run(after, edits_after)
+    except TimeoutError:
+        code, reason = TryAgainLater.close_code, "open timed out"
+    except RoomError as error:
+        code, reason = error.close_code, error.reason
+        if isinstance(error, RateLimited | BadMessage | MessageTooBig):
+            log.info("conn %s closed: %s", conn_id, error.reason)
+    except WebSocketDisconnect:
+        return  # the client left; presence and membership were cleaned up on the way out
+    except Exception:
+        log.exception("conn %s: room socket failed", conn_id)
+        metrics.internal_errors.inc()
+        code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+    metrics.closes.labels(str(int(code))).inc()
+    await close_with(websocket, code, reason, services.limits.close_timeout)
+
+
+class Connection:
+    """One member's socket in one room."""
+
+    def __init__(
+        self, websocket: WebSocket, services: RoomServices, access: Access, conn_id: str
+    ) -> None:
+        self.ws = websocket
+        self.services = services
+        self.limits = services.limits
+        self.access = access
+        self.conn_id = conn_id
+        self.room_id = access.room.room_id
+        user = access.user
+        self.user = PresenceUser(user.id, user.name, user.institution, user.country)
+        self.bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
+        self.strikes = 0
+        self.typing_deadline: float | None = None
+        self._scope = anyio.CancelScope()
+        self.member = Member(
+            conn_id,
+            self.user,
+            outbox=Outbox(self.limits.send_queue_frames),
+            on_failure=self._scope.cancel,
+        )
+        self._send = websocket.send  # raw ASGI send: the frame is already encoded
+
+    async def send_text(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def run(self, after: int | None, edits_after: int | None) -> None:
+        hub = self.services.hub
+        if hub.connections_of(self.user.id) >= self.limits.max_connections_per_user:
+            raise RateLimited("too many connections for this user")
+        async with hub.join(self.room_id, self.member) as room:
+            with self._scope:
+                try:
+                    await self._enter(room, after, edits_after)
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._pump_outbox)
+                            await self._pump_inbox(room)
+                            tg.cancel_scope.cancel()
+                    except BaseExceptionGroup as group:
+                        raise _unwrap(group) from None
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._leave()
+            if self.member.failure is not None:
+                if isinstance(self.member.failure, TryAgainLater):
+                    self.services.metrics.slow_consumers.inc()
+                raise self.member.failure
+
+    async def _enter(self, room: LocalRoom, after: int | None, edits_after: int | None) -> None:
+        services = self.services
+        change = await services.presence.add(self.room_id, self.conn_id, self.user)
+        await self._announce(change)
+        async with services.hub.sessions() as session:
+            last_seq, last_edit = await room_counters(session, self.room_id)
+        snapshot = await services.presence.snapshot(self.room_id)
+        access = self.access
+        await self.send_text(
+            encode(
+                {
+                    "type": "welcome",
+                    "connection_id": self.conn_id,
+                    "user": access.user.as_json(),
+                    "room": {
+                        "id": access.room.room_id,
+                        "name": access.room.room_name,
+                        "partnership": {
+                            "id": access.room.partnership_id,
+                            "title": access.room.partnership_title,
+                        },
+                        "role": access.room.role.value,
+                    },
+                    "presence": [p.as_json() for p in snapshot],
+                    "chat": {"last_seq": last_seq, "last_edit": last_edit},
+                    "limits": {
+                        "max_frame_bytes": self.limits.max_frame_bytes,
+                        "max_text_chars": self.limits.max_text_chars,
+                        "messages_per_second": self.limits.messages_per_second,
+                        "message_burst": self.limits.message_burst,
+                    },
+                }
+            )
+        )
+        self.member.floor = last_seq
+        if after is not None:
+            await self._replay(after, edits_after, last_seq, last_edit)
+
+    async def _replay(
+        self, after: int, edits_after: int | None, last_seq: int, last_edit: int
+    ) -> None:
+        """Send what a reconnecting client missed: messages ``after < seq <= last_seq``,
+        then changes to older messages made after ``edits_after``."""
+        sessions = self.services.hub.sessions
+        cursor, count = min(after, last_seq), 0
+        while cursor < last_seq:
+            async with sessions() as session:
+                page = await messages_between(
+                    session, self.room_id, after=cursor, upto=last_seq, limit=REPLAY_PAGE
+                )
+            if not page:
+                break
+            for m in page:
+                await self.send_text(
+                    create_chat_message(
+                        seq=m.seq,
+                        client_id=m.client_id,
+                        author={"id": m.author_id, "name": m.author_name},
+                        text=m.text,
+                        created_at=m.created_at,
+                        edited_at=m.edited_at,
+                        deleted=m.deleted,
+                    )
+                )
+            cursor, count = page[-1].seq, count + len(page)
+        edits = 0
+        if edits_after is not None and edits_after < last_edit:
+            async with sessions() as session:
+                changed = await edits_between(
+                    session,
+                    self.room_id,
+                    edits_after=edits_after,
+                    upto_edit=last_edit,
+                    upto_seq=min(after, last_seq),
+                )
+            for m in changed:
+                assert m.edit_seq is not None
+                await self.send_text(
+                    create_chat_change(
+                        seq=m.seq,
+                        edit_seq=m.edit_seq,
+                        text=m.text,
+                        edited_at=m.edited_at or m.created_at,
+                        deleted=m.deleted,
+                    )
+                )
+            edits = len(changed)
+        await self.send_text(
+            encode(
+                {
+                    "type": "chat.resumed",
+                    "after": after,
+                    "last_seq": last_seq,
+                    "messages": count,
+                    "edits": edits,
+                }
+            )
+        )
+
+    async def _leave(self) -> None:
+        try:
+            change = await self.services.presence.remove(self.room_id, self.conn_id)
+            await self._announce(change)
+        except Exception:
+            log.exception("conn %s: leaving presence failed", self.conn_id)
+
+    async def _announce(self, change: Change) -> None:
+        kind = change.kind
+        if kind == "none":
+            return
+        hub = self.services.hub
+        if kind == "join":
+            assert change.after is not None
+            frame = {"type": "presence.join", **change.after.as_json()}
+            hub.record(EventRow("join", self.room_id, self.user.id, {"conn": self.conn_id}))
+        elif kind == "leave":
+            frame = {"type": "presence.leave", "user_id": self.user.id}
+            hub.record(EventRow("leave", self.room_id, self.user.id, {"conn": self.conn_id}))
+        else:
+            assert change.after is not None
+            after = change.after
+            frame = {
+                "type": "presence.update",
+                "user_id": after.user.id,
+                "status": after.status,
+                "typing": after.typing,
+                "connections": after.connections,
+            }
+        await hub.publish(self.room_id, Envelope(text=encode(frame)))
+
+    async def _pump_outbox(self) -> None:
+        outbox = self.member.outbox
+        send = self._send
+        while True:
+            batch = await outbox.get_batch()
+            floor = self.member.floor
+            for seq, text in batch:
+                if seq and seq <= floor:
+                    continue  # already sent from the database during resume
+                await send({"type": "websocket.send", "text": text})
+
+    async def _pump_inbox(self, room: LocalRoom) -> None:
+        receive = self.ws.receive
+        limits = self.limits
+        while True:
+            if self.typing_deadline is None:
+                message = await receive()
+            else:
+                message = None
+                with anyio.move_on_after(max(0.0, self.typing_deadline - time.monotonic())):
+                    message = await receive()
+                if message is None:
+                    # The client said it was typing and then went quiet: clear it.
+                    self.typing_deadline = None
+                    await self._set_presence(typing=False)
+                    continue
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                raise BadMessage("binary frames are not accepted on this socket")
+            if len(text) * 4 > limits.max_frame_bytes and len(text.encode()) > limits.max_frame_bytes:
+                raise MessageTooBig(f"frame over {limits.max_frame_bytes} bytes")
+            if not self.bucket.take(time.monotonic()):
+                self.strikes += 1
+                if self.strikes > limits.message_burst:
+                    raise RateLimited("too many messages")
+                self._error("rate_limited", "slow down: message ignored", _peek_id(text))
+                continue
+            self.strikes = 0
+            try:
+                msg = parse_client_message(text, max_text_chars=limits.max_text_chars)
+            except NotJSON as exc:
+                raise BadMessage(str(exc)) from None
+            except InvalidMessage as exc:
+                self._error(exc.code, exc.detail, exc.message_id)
+                continue
+            await self._handle(room, msg)
+
+    def _error(self, code: str, message: str, message_id: str | None = None) -> None:
+        self.services.metrics.client_errors.labels(code).inc()
+        self.member.offer(create_error(code, message, message_id))
+
+    async def _handle(self, room: LocalRoom, msg: ClientMessage) -> None:
+        match msg:
+            case ChatSend(id=client_id, text=text):
+                self._submit(room, ChatRequest(self.member, "send", client_id, text))
+            case ChatEdit(id=client_id, seq=seq, text=text):
+                self._submit(room, ChatRequest(self.member, "edit", client_id, text, seq))
+            case ChatDelete(id=client_id, seq=seq):
+                self._submit(room, ChatRequest(self.member, "delete", client_id, None, seq))
+            case ChatRead(seq=seq):
+                await mark_read(
+                    self.services.hub.sessions, self.access.room.partnership_id, self.user.id, seq
+                )
+            case Typing(typing=typing):
+                self.typing_deadline = (
+                    time.monotonic() + self.limits.typing_timeout if typing else None
+                )
+                await self._set_presence(typing=typing)
+            case Status(status=status):
+                await self._set_presence(status=status)
+            case Ping(id=message_id):
+                frame: dict[str, Any] = {"type": "pong"}
+                if message_id is not None:
+                    frame["id"] = message_id
+                self.member.offer(encode(frame))
+
+    def _submit(self, room: LocalRoom, request: ChatRequest) -> None:
+        if not room.chat.submit(request):
+            self._error("busy", "the room is busy: send it again shortly", request.client_id)
+
+    async def _set_presence(self, **change: Any) -> None:
+        result = await self.services.presence.update(self.room_id, self.conn_id, **change)
+        await self._announce(result)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that ends the connection: a ``RoomError`` first, else the first one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, RoomError):
+            return exc
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _peek_id(text: str) -> str | None:
+    """The ``id`` of a message we will not parse (rate limited), if cheaply visible."""
+    try:
+        obj = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        value = obj.get("id")
+        if isinstance(value, str) and 0 < len(value) <= 64:
+            return value
+    return None

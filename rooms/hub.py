@@ -1,0 +1,377 @@
+"""The rooms of this process and the connections in them.
+
+``RoomHub`` owns every ``LocalRoom`` with members on this process. A local room
+holds its members' outboxes, a broker subscription (while it has members) and a
+chat writer: the room's single writer task, which stores messages in batches
+(group commit), acknowledges them, then publishes them. Nothing here is reached
+from another process except through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from rooms.broker import Broker, Envelope
+from rooms.errors import Forbidden, RoomError, SlowConsumer
+from rooms.messages import (
+    create_chat_ack,
+    create_chat_change,
+    create_chat_message,
+    create_error,
+)
+from rooms.metrics import Metrics
+from rooms.outbox import Outbox, OutboxFull
+from rooms.presence import PresenceUser
+from storage.chat import ChatEditRefused, NewMessage, append_messages, change_message
+from storage.events import EventRow, insert_events
+
+log = logging.getLogger(__name__)
+
+
+def room_topic(room_id: int) -> str:
+    return f"room:{room_id}"
+
+
+@dataclass(eq=False, slots=True)
+class Member:
+    """One connection in a room: what the room needs to reach it."""
+
+    conn_id: str
+    user: PresenceUser
+    outbox: Outbox
+    on_failure: Callable[[], None]
+    # Chat sequences up to ``floor`` were sent from the database on resume; live
+    # copies of them are skipped so nothing arrives twice.
+    floor: int = 0
+    failure: RoomError | None = None
+
+    def offer(self, text: str, seq: int = 0) -> None:
+        """Queue a frame for this connection without waiting."""
+        try:
+            self.outbox.put(text, seq)
+        except OutboxFull:
+            self.fail(SlowConsumer())
+
+    def fail(self, error: RoomError) -> None:
+        """End this connection with ``error``'s close code (first failure wins)."""
+        if self.failure is None:
+            self.failure = error
+            self.outbox.close()
+            self.on_failure()
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    member: Member
+    kind: Literal["send", "edit", "delete"]
+    client_id: str | None
+    text: str | None = None
+    seq: int = 0
+    received: float = field(default_factory=time.perf_counter)
+
+
+class ChatWriter:
+    """The room's one writer: stores chat in batches, acks, then publishes."""
+
+    def __init__(
+        self,
+        room: LocalRoom,
+        *,
+        max_queue: int,
+        max_batch: int,
+    ) -> None:
+        self.room = room
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[ChatRequest | None] = asyncio.Queue()
+        self.done = asyncio.Event()
+
+    def submit(self, request: ChatRequest) -> bool:
+        """Queue a request; False when the queue is full (the client is told to retry)."""
+        if self._queue.qsize() >= self.max_queue:
+            return False
+        self._queue.put_nowait(request)
+        return True
+
+    def stop(self) -> None:
+        """Finish what is queued, then end ``run``."""
+        self._queue.put_nowait(None)
+
+    async def run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                first = await self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                # Group commit: take every send already waiting, up to the limit.
+                while (
+                    first.kind == "send"
+                    and len(batch) < self.max_batch
+                    and not self._queue.empty()
+                ):
+                    nxt = self._queue.get_nowait()
+                    if nxt is None:
+                        stopping = True
+                        break
+                    if nxt.kind != "send":
+                        await self._write_sends(batch)
+                        batch = [nxt]
+                        break
+                    batch.append(nxt)
+                if batch[0].kind == "send":
+                    await self._write_sends(batch)
+                else:
+                    await self._write_change(batch[0])
+        finally:
+            self.done.set()
+
+    async def _write_sends(self, batch: list[ChatRequest]) -> None:
+        room = self.room
+        hub = room.hub
+        names = {r.member.user.id: r.member.user.name for r in batch}
+        try:
+            stored = await append_messages(
+                hub.sessions,
+                room.room_id,
+                [NewMessage(r.member.user.id, r.client_id or "", r.text or "") for r in batch],
+                names,
+            )
+        except Exception:
+            log.exception("room %s: storing %d chat messages failed", room.room_id, len(batch))
+            hub.metrics.internal_errors.inc()
+            for r in batch:
+                r.member.offer(
+                    create_error(
+                        "unavailable", "message not stored; send it again", r.client_id
+                    )
+                )
+            return
+        now = time.perf_counter()
+        hub.metrics.chat_batch_size.observe(len(batch))
+        for request, message in zip(batch, stored, strict=True):
+            hub.metrics.chat_commit_seconds.observe(now - request.received)
+            request.member.offer(
+                create_chat_ack(message.client_id, message.seq, duplicate=message.duplicate)
+            )
+            if message.duplicate:
+                continue
+            hub.metrics.messages.inc()
+            await hub.broker.publish(
+                room_topic(room.room_id),
+                Envelope(
+                    text=create_chat_message(
+                        seq=message.seq,
+                        client_id=message.client_id,
+                        author={"id": request.member.user.id, "name": request.member.user.name},
+                        text=message.text,
+                        created_at=message.created_at,
+                    ),
+                    seq=message.seq,
+                ),
+            )
+
+    async def _write_change(self, request: ChatRequest) -> None:
+        room = self.room
+        try:
+            changed = await change_message(
+                room.hub.sessions,
+                room.room_id,
+                request.seq,
+                request.member.user.id,
+                request.text if request.kind == "edit" else None,
+            )
+        except ChatEditRefused as refused:
+            request.member.offer(create_error(refused.code, refused.message, request.client_id))
+            return
+        except Exception:
+            log.exception("room %s: changing message %s failed", room.room_id, request.seq)
+            room.hub.metrics.internal_errors.inc()
+            request.member.offer(
+                create_error("unavailable", "change not stored; try again", request.client_id)
+            )
+            return
+        assert changed.edit_seq is not None
+        frame = create_chat_change(
+            seq=changed.seq,
+            edit_seq=changed.edit_seq,
+            text=changed.text,
+            edited_at=changed.edited_at or changed.created_at,
+            deleted=changed.deleted,
+        )
+        await room.hub.broker.publish(room_topic(room.room_id), Envelope(text=frame))
+
+
+class LocalRoom:
+    """A room as this process sees it: its local members and its writer."""
+
+    def __init__(self, hub: RoomHub, room_id: int) -> None:
+        self.hub = hub
+        self.room_id = room_id
+        self.members: dict[str, Member] = {}
+        self.lock = asyncio.Lock()
+        self.closed = False
+        self.started = False
+        self.chat = ChatWriter(
+            self, max_queue=hub.chat_queue_size, max_batch=hub.chat_batch_size
+        )
+        self._stack = contextlib.AsyncExitStack()
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Broker callback: hand one envelope to every local member, never waiting."""
+        if envelope.control == "revoke":
+            for member in list(self.members.values()):
+                if member.user.id == envelope.user_id:
+                    member.fail(Forbidden("membership revoked"))
+            return
+        for member in list(self.members.values()):
+            member.offer(envelope.text, envelope.seq)
+
+    async def _start(self) -> None:
+        await self._stack.enter_async_context(
+            self.hub.broker.subscribe(room_topic(self.room_id), self.deliver)
+        )
+        self.hub.spawn(self.chat.run)
+        self.started = True
+        self.hub.metrics.rooms.inc()
+
+    async def _close(self) -> None:
+        self.closed = True
+        self.chat.stop()
+        try:
+            await self.chat.done.wait()
+        finally:
+            await self._stack.aclose()
+            self.hub.metrics.rooms.dec()
+
+
+class RoomHub:
+    """Owner of this process's local rooms, their tasks and the activity event writer."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        broker: Broker,
+        metrics: Metrics,
+        chat_queue_size: int = 1000,
+        chat_batch_size: int = 100,
+        event_queue_size: int = 10_000,
+    ) -> None:
+        self.sessions = sessions
+        self.broker = broker
+        self.metrics = metrics
+        self.chat_queue_size = chat_queue_size
+        self.chat_batch_size = chat_batch_size
+        self._rooms: dict[int, LocalRoom] = {}
+        self._user_connections: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._events: asyncio.Queue[EventRow | None] = asyncio.Queue()
+        self._event_queue_size = event_queue_size
+        self._event_writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RoomHub:
+        self._event_writer = asyncio.create_task(self._write_events())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Connections have ended by now (the server closed them with 1012); the
+        # rooms' writers have drained. Anything left is abandoned with a log line.
+        if self._tasks:
+            log.warning("cancelling %d room tasks at shutdown", len(self._tasks))
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._events.put_nowait(None)
+        if self._event_writer is not None:
+            await self._event_writer
+
+    def spawn(self, func: Callable[[], Any]) -> None:
+        """Run a room task owned by the hub (cancelled and awaited at shutdown)."""
+        task = asyncio.create_task(func())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def connections_of(self, user_id: int) -> int:
+        return self._user_connections.get(user_id, 0)
+
+    @contextlib.asynccontextmanager
+    async def join(self, room_id: int, member: Member) -> AsyncIterator[LocalRoom]:
+        """Be a member of the local room for the duration of the block."""
+        while True:
+            room = self._rooms.get(room_id)
+            if room is None:
+                room = self._rooms[room_id] = LocalRoom(self, room_id)
+            async with room.lock:
+                if room.closed:
+                    continue  # it closed while we waited: make a fresh one
+                if not room.started:
+                    try:
+                        await room._start()
+                    except BaseException:
+                        room.closed = True
+                        self._rooms.pop(room_id, None)
+                        raise
+                room.members[member.conn_id] = member
+                break
+        user_id = member.user.id
+        self._user_connections[user_id] = self._user_connections.get(user_id, 0) + 1
+        self.metrics.connections.inc()
+        try:
+            yield room
+        finally:
+            self.metrics.connections.dec()
+            left = self._user_connections.get(user_id, 1) - 1
+            if left:
+                self._user_connections[user_id] = left
+            else:
+                self._user_connections.pop(user_id, None)
+            room.members.pop(member.conn_id, None)
+            if not room.members:
+                # Leaving must complete even when the connection is being cancelled.
+                with anyio.CancelScope(shield=True):
+                    async with room.lock:
+                        if not room.members and not room.closed:
+                            if self._rooms.get(room_id) is room:
+                                del self._rooms[room_id]
+                            await room._close()
+
+    async def publish(self, room_id: int, envelope: Envelope) -> None:
+        await self.broker.publish(room_topic(room_id), envelope)
+
+    def record(self, row: EventRow) -> None:
+        """Queue an activity event; dropped (and counted) if the writer is far behind."""
+        if self._events.qsize() >= self._event_queue_size:
+            self.metrics.events_dropped.inc()
+            return
+        self._events.put_nowait(row)
+
+    async def _write_events(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._events.get()
+            if first is None:
+                return
+            batch = [first]
+            while not self._events.empty() and len(batch) < 500:
+                nxt = self._events.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                await insert_events(self.sessions, batch)
+            except Exception:
+                log.exception("writing %d activity events failed", len(batch))
+                self.metrics.events_dropped.inc(len(batch))
+

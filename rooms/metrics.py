@@ -1,0 +1,67 @@
+"""Prometheus metrics of one process (``GET /metrics``).
+
+Each app gets its own registry, so several apps in one process (tests) never clash.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The counters, gauges and histograms Coilroom exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "coilroom_connections", "Open room socket connections", registry=r
+        )
+        self.rooms = Gauge("coilroom_rooms_active", "Rooms with members on this process", registry=r)
+        self.connections_total = Counter(
+            "coilroom_connections_opened", "Room socket connections accepted", registry=r
+        )
+        self.closes = Counter(
+            "coilroom_connections_closed", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.messages = Counter(
+            "coilroom_chat_messages_stored", "Chat messages stored (not counting retries)", registry=r
+        )
+        self.client_errors = Counter(
+            "coilroom_client_errors", "Error frames sent to clients, by code", ["code"], registry=r
+        )
+        self.internal_errors = Counter(
+            "coilroom_internal_errors", "Unexpected server errors", registry=r
+        )
+        self.slow_consumers = Counter(
+            "coilroom_slow_consumers", "Connections closed because their queue was full", registry=r
+        )
+        self.events_dropped = Counter(
+            "coilroom_activity_events_dropped",
+            "Activity events dropped because the event queue was full",
+            registry=r,
+        )
+        self.chat_commit_seconds = Histogram(
+            "coilroom_chat_commit_seconds",
+            "Time from receiving a chat message to its commit",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chat_batch_size = Histogram(
+            "coilroom_chat_batch_size",
+            "Chat messages per database transaction",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "coilroom_http_request_seconds",
+            "HTTP API latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,494 @@
+"""Coilroom server: settings, the app factory, and the command line.
+
+    python server.py serve [--host HOST] [--port PORT] [--no-demo]
+    python server.py migrate
+    python server.py create-admin --email EMAIL
+
+This is the only module that reads the environment (variables prefixed ``COILROOM_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import getpass
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rooms import (
+    Authenticator,
+    FailureWindow,
+    Metrics,
+    RoomHub,
+    RoomServices,
+    SocketLimits,
+    open_broker,
+    open_presence,
+    routes as room_routes,
+)
+from rooms.http import (
+    ApiError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    internal_error_handler,
+    json_response,
+)
+from storage import open_database, run_migrations
+
+log = logging.getLogger("coilroom")
+ROOT = Path(__file__).resolve().parent
+STATIC = ROOT / "static"
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting, read from ``COILROOM_<NAME>``; the README lists them all."""
+
+    host: str = _help("Address to listen on.", default="127.0.0.1")
+    port: int = _help("Port to listen on.", default=8000)
+    data_dir: str = _help("Folder for the SQLite file and the generated secret key.", default="data")
+    database_url: str = _help(
+        "SQLAlchemy URL. Empty: SQLite file in DATA_DIR. Production: "
+        "postgresql+asyncpg://user@host/db.",
+        default="",
+    )
+    redis_url: str = _help(
+        "Redis URL for fan-out between processes. Empty: in-process broker (one process).",
+        default="",
+    )
+    secret_key: str = _help(
+        "Key that signs room tokens. Empty: generated once and kept in DATA_DIR/secret_key.",
+        default="",
+        repr=False,
+    )
+    allowed_origins: str = _help(
+        "Comma-separated origins (https://rooms.example.edu) whose pages may use the "
+        "session cookie, besides the server's own origin.",
+        default="",
+    )
+    cookie_secure: bool = _help("Mark the session cookie Secure (set true behind HTTPS).", default=False)
+    session_ttl: float = _help("Seconds a login session lasts.", default=12 * 3600.0)
+    room_token_ttl: float = _help("Default lifetime of a room token, seconds.", default=900.0)
+    room_token_max_ttl: float = _help("Longest lifetime a room token may ask for, seconds.", default=3600.0)
+    invitation_ttl: float = _help("Default lifetime of an invitation, seconds.", default=7 * 86400.0)
+    max_frame_bytes: int = _help("Largest WebSocket message accepted (close 1009 above).", default=64 * 1024)
+    max_text_chars: int = _help("Longest chat message, in characters.", default=4000)
+    messages_per_second: float = _help("Messages a connection may send per second, on average.", default=10.0)
+    message_burst: int = _help(
+        "Messages a connection may send at once above the average rate; a client that keeps "
+        "sending past it is closed with 4429.",
+        default=30,
+    )
+    max_connections_per_user: int = _help("Open room sockets per user on one server process.", default=10)
+    send_queue_frames: int = _help(
+        "Frames queued for one connection before it counts as too slow (closed with 1013).",
+        default=1024,
+    )
+    open_timeout: float = _help("Seconds allowed to authenticate a new socket.", default=10.0)
+    typing_timeout: float = _help("Seconds after which a silent 'typing' state clears.", default=6.0)
+    heartbeat_interval: float = _help("Seconds between WebSocket pings.", default=20.0)
+    heartbeat_timeout: float = _help("Seconds to wait for a pong before dropping a connection.", default=20.0)
+    close_timeout: float = _help("Seconds to wait for a client to take a close frame.", default=5.0)
+    login_attempts: int = _help("Failed logins allowed per e-mail and address per window.", default=5)
+    login_window: float = _help("Window for counting failed logins, seconds.", default=300.0)
+    chat_queue_size: int = _help("Chat messages waiting to be stored per room before 'busy'.", default=1000)
+    chat_batch_size: int = _help("Most chat messages stored in one transaction.", default=100)
+    sqlite_synchronous: str = _help(
+        "SQLite synchronous mode: FULL survives power loss; NORMAL only a crash of the process.",
+        default="FULL",
+    )
+    auto_migrate: bool = _help("Upgrade the database schema when the server starts.", default=True)
+    log_level: str = _help("Logging level.", default="info")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read ``COILROOM_*`` variables; unknown or malformed values are errors."""
+        values: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, raw in environ.items():
+            if not key.startswith("COILROOM_") or key == "COILROOM_ADMIN_PASSWORD":
+                continue
+            name = key.removeprefix("COILROOM_").lower()
+            if name not in known:
+                raise SystemExit(f"unknown setting {key}")
+            kind = cls.__dataclass_fields__[name].type
+            try:
+                values[name] = _convert(raw, kind)
+            except ValueError:
+                raise SystemExit(f"bad value for {key}") from None
+        return cls(**values)
+
+    def resolved(self) -> Settings:
+        """Fill in the derived defaults: database URL and secret key."""
+        data = Path(self.data_dir)
+        url = self.database_url or f"sqlite+aiosqlite:///{data / 'coilroom.db'}"
+        key = self.secret_key or _load_or_create_key(data / "secret_key")
+        return dataclasses.replace(self, database_url=url, secret_key=key)
+
+
+def _convert(raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw
+
+
+def _load_or_create_key(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    # Created readable by the owner only; never printed or logged.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
+
+
+class RedactSecrets(logging.Filter):
+    """Keep tokens and invitation codes out of logs (uvicorn logs request paths)."""
+
+    _pattern = re.compile(r"((?:token|code)=)[^&\s\"']+|(/invite/|/api/invitations/)[A-Za-z0-9_\-]{10,}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._pattern.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(RedactSecrets())
+        logging.getLogger(name).addFilter(RedactSecrets())
+
+
+class SecurityHeaders:
+    """Strict headers on every HTTP response: no inline script, no framing, no sniffing."""
+
+    CSP = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; media-src 'self' blob:; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'self'; object-src 'none'"
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                headers.extend(
+                    [
+                        (b"content-security-policy", self.CSP.encode()),
+                        (b"x-content-type-options", b"nosniff"),
+                        (b"referrer-policy", b"no-referrer"),
+                        (b"x-frame-options", b"DENY"),
+                        (b"cache-control", b"no-store"),
+                    ]
+                )
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    checks: dict[str, str] = {}
+    state = request.app.state
+    for name, probe in (("database", state.db.ping), ("broker", state.broker.ping)):
+        try:
+            with anyio.fail_after(2.0):
+                await probe()
+            checks[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(
+        request.app.state.metrics.render(), media_type="text/plain; version=0.0.4"
+    )
+
+
+async def page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    if request.url.path.startswith("/api/"):
+        return error_response(404, "not_found", "no such endpoint")
+    return await http_error_handler(request, exc)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the ASGI app. Resources open in the lifespan and close in reverse order."""
+    settings = (settings or Settings.from_environ()).resolved()
+    app_metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await anyio.to_thread.run_sync(run_migrations, settings.database_url)
+        async with (
+            open_database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous) as db,
+            open_broker(settings.redis_url) as broker,
+            open_presence(settings.redis_url) as presence,
+            RoomHub(
+                sessions=db.sessions,
+                broker=broker,
+                metrics=app_metrics,
+                chat_queue_size=settings.chat_queue_size,
+                chat_batch_size=settings.chat_batch_size,
+            ) as hub,
+        ):
+            auth = Authenticator(
+                secret_key=settings.secret_key,
+                sessions=db.sessions,
+                allowed_origins=[o for o in settings.allowed_origins.split(",") if o.strip()],
+                room_token_ttl=settings.room_token_ttl,
+                room_token_max_ttl=settings.room_token_max_ttl,
+            )
+            app.state.settings = settings
+            app.state.db = db
+            app.state.broker = broker
+            app.state.auth = auth
+            app.state.login_limiter = FailureWindow(settings.login_attempts, settings.login_window)
+            app.state.room_services = RoomServices(
+                auth=auth,
+                hub=hub,
+                presence=presence,
+                metrics=app_metrics,
+                limits=SocketLimits(
+                    max_frame_bytes=settings.max_frame_bytes,
+                    max_text_chars=settings.max_text_chars,
+                    messages_per_second=settings.messages_per_second,
+                    message_burst=settings.message_burst,
+                    max_connections_per_user=settings.max_connections_per_user,
+                    send_queue_frames=settings.send_queue_frames,
+                    open_timeout=settings.open_timeout,
+                    typing_timeout=settings.typing_timeout,
+                    close_timeout=settings.close_timeout,
+                ),
+            )
+            yield
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        *room_routes,
+        Route("/", page),
+        Route("/room/{room_id:int}", page),
+        Route("/invite/{code}", page),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            404: not_found,
+            Exception: internal_error_handler,
+        },
+    )
+    app.state.metrics = app_metrics
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+# -- command line ----------------------------------------------------------------------
+
+DEMO_PASSWORD = "coilroom-demo"
+DEMO_USERS = (
+    ("admin@demo.coilroom.test", "Alex Admin", "admin", None),
+    ("coordinator@demo.coilroom.test", "Carmen Ortega", "coordinator", 0),
+    ("ana@demo.coilroom.test", "Ana Morales", "instructor", 0),
+    ("lars@demo.coilroom.test", "Lars Nielsen", "instructor", 1),
+)
+
+
+async def create_demo_data(database_url: str) -> bool:
+    """Two institutions in two countries, one partnership with its room, a coordinator
+    and two instructors (and an admin). Only into a database without users."""
+    from sqlalchemy import func, select
+
+    from rooms.access import hash_password
+    from storage import admin as store
+    from storage.models import MemberRole, User, UserRole
+
+    async with open_database(database_url) as db:
+        async with db.sessions() as session:
+            if (await session.execute(select(func.count()).select_from(User))).scalar_one():
+                return False
+        mx = await store.create_institution(
+            db.sessions, "Universidad del Valle Central", "MX", "America/Mexico_City"
+        )
+        dk = await store.create_institution(db.sessions, "Nordhavn University", "DK", "Europe/Copenhagen")
+        password_hash = await hash_password(DEMO_PASSWORD)
+        ids = {}
+        for email, name, role, inst in DEMO_USERS:
+            ids[email] = await store.create_user(
+                db.sessions,
+                email=email,
+                name=name,
+                password_hash=password_hash,
+                institution_id=None if inst is None else (mx, dk)[inst],
+                role=UserRole(role),
+            )
+        pid, _room = await store.create_partnership(
+            db.sessions,
+            title="Climate Futures: a COIL course between Guadalajara and Aarhus",
+            goals="Students from both institutions compare local climate adaptation plans.",
+            institution_ids=[mx, dk],
+            created_by=ids["admin@demo.coilroom.test"],
+            coordinator_id=ids["coordinator@demo.coilroom.test"],
+        )
+        for email in ("ana@demo.coilroom.test", "lars@demo.coilroom.test"):
+            await store.set_member(db.sessions, pid, ids[email], MemberRole.INSTRUCTOR)
+    return True
+
+
+async def create_admin(database_url: str, email: str, name: str, password: str) -> int:
+    from rooms.access import hash_password
+    from storage import admin as store
+    from storage.models import UserRole
+
+    async with open_database(database_url) as db:
+        return await store.create_user(
+            db.sessions,
+            email=email,
+            name=name,
+            password_hash=await hash_password(password),
+            institution_id=None,
+            role=UserRole.ADMIN,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="server.py", description="Coilroom server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-demo", action="store_true", help="do not create demo data")
+    sub.add_parser("migrate", help="upgrade the database schema")
+    admin_cmd = sub.add_parser("create-admin", help="create an administrator")
+    admin_cmd.add_argument("--email", required=True)
+    admin_cmd.add_argument("--name", default="Administrator")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_environ()
+    if args.command == "serve":
+        if args.host:
+            settings = dataclasses.replace(settings, host=args.host)
+        if args.port is not None:
+            settings = dataclasses.replace(settings, port=args.port)
+    settings = settings.resolved()
+    configure_logging(settings.log_level)
+
+    if args.command == "migrate":
+        run_migrations(settings.database_url)
+        print("database schema is up to date")
+        return 0
+    if args.command == "create-admin":
+        password = os.environ.get("COILROOM_ADMIN_PASSWORD") or getpass.getpass("Password: ")
+        if len(password) < 10:
+            print("the password needs at least 10 characters", file=sys.stderr)
+            return 2
+        run_migrations(settings.database_url)
+        import asyncio
+
+        try:
+            user_id = asyncio.run(create_admin(settings.database_url, args.email, args.name, password))
+        except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
+            print(f"could not create the admin: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 1
+        print(f"admin {args.email} created (id {user_id})")
+        return 0
+
+    import asyncio
+
+    import uvicorn
+
+    run_migrations(settings.database_url)
+    embedded = settings.database_url.startswith("sqlite") and not settings.redis_url
+    demo = embedded and not args.no_demo and asyncio.run(create_demo_data(settings.database_url))
+    url = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.port}/"
+    print(f"\n  Coilroom is running at {url}", flush=True)
+    if embedded and not args.no_demo:
+        print(f"  Demo logins (password: {DEMO_PASSWORD}){' - created now' if demo else ''}:")
+        for email, name, role, _ in DEMO_USERS:
+            print(f"    {email:34} {name} ({role})")
+    print(flush=True)
+    config = uvicorn.Config(
+        "server:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_interval,
+        ws_ping_timeout=settings.heartbeat_timeout,
+        lifespan="on",
+        proxy_headers=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+    # The app factory reads the same environment; migrations already ran.
+    os.environ["COILROOM_AUTO_MIGRATE"] = "false"
+    os.environ.setdefault("COILROOM_DATA_DIR", settings.data_dir)
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

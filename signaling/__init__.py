@@ -1,0 +1,1 @@
+"""Calls: WebRTC signaling, TURN credentials, call records and the echo test (to come)."""
