@@ -1,0 +1,93 @@
+"""Shared fixtures: real server processes on real sockets, on SQLite and PostgreSQL.
+
+A server process is started once per backend and shared by the tests that can share
+it (each test makes its own partnership and room, so tests do not see each other's
+traffic). Tests that restart or kill a server start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from tests.support import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    ServerProcess,
+    World,
+    create_postgres_database,
+    drop_postgres_database,
+)
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "COILROOM_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty database for this test session on the chosen backend."""
+    if backend == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "coilroom.db"
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    name = f"coilroom_test_{uuid.uuid4().hex[:10]}"
+    # No skip: PostgreSQL is part of the machine; its absence fails the suite.
+    url = create_postgres_database(POSTGRES_ADMIN_URL, name)
+    yield url
+    drop_postgres_database(POSTGRES_ADMIN_URL, name)
+
+
+def fresh_database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'coilroom.db'}"
+    name = f"coilroom_test_{uuid.uuid4().hex[:10]}"
+    return create_postgres_database(POSTGRES_ADMIN_URL, name)
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One running server per backend, shared by the tests that do not stop it."""
+    proc = ServerProcess(
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        settings={
+            # Generous limits: tests send bursts on purpose; the limit tests
+            # start their own server with tight ones.
+            "MESSAGES_PER_SECOND": "1000",
+            "MESSAGE_BURST": "1000",
+            "HEARTBEAT_INTERVAL": "1",
+            "HEARTBEAT_TIMEOUT": "1",
+        },
+    )
+    proc.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def world(server: ServerProcess) -> AsyncIterator[World]:
+    """A fresh partnership with its room and members on the shared server."""
+    async with World.create(server) as w:
+        yield w
+
+
+@pytest.fixture
+async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
+        yield client

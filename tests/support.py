@@ -1,0 +1,304 @@
+"""Helpers for tests that drive real servers: processes, accounts, sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_EMAIL = "admin@tests.coilroom.test"
+ADMIN_PASSWORD = "admin-password-for-tests"
+PASSWORD = "member-password-1"
+# Every wait in the tests is bounded by this (seconds); scale it on a slow machine.
+TIMEOUT = float(os.environ.get("COILROOM_TEST_TIMEOUT", "10"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_postgres_database(admin_url: str, name: str) -> str:
+    async def run() -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return f"{base}/{name}"
+
+
+def drop_postgres_database(admin_url: str, name: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+class ServerProcess:
+    """``python server.py serve`` in a child process, on a free port."""
+
+    def __init__(
+        self, *, database_url: str, data_dir: Path, settings: dict[str, str] | None = None
+    ) -> None:
+        self.database_url = database_url
+        self.data_dir = Path(data_dir)
+        self.settings = dict(settings or {})
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "server.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COILROOM_")}
+        env.update(
+            {
+                "COILROOM_DATABASE_URL": self.database_url,
+                "COILROOM_DATA_DIR": str(self.data_dir),
+                "COILROOM_LOG_LEVEL": "info",
+                "COILROOM_SQLITE_SYNCHRONOUS": "NORMAL",
+            }
+        )
+        env.update({f"COILROOM_{k}": v for k, v in self.settings.items()})
+        return env
+
+    def create_admin(self, email: str, password: str) -> None:
+        env = self.env() | {"COILROOM_ADMIN_PASSWORD": password}
+        subprocess.run(
+            [sys.executable, "server.py", "create-admin", "--email", email, "--name", "Test Admin"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "server.py", "serve", "--no-demo", "--port", str(self.port)],
+            cwd=ROOT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited at start:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        """Graceful stop (SIGTERM), as an operator would."""
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Member:
+    """A logged-in user of the test world."""
+
+    id: int
+    email: str
+    name: str
+    http: httpx.AsyncClient
+
+    async def token(self, room_id: int) -> str:
+        r = await self.http.post(f"/api/rooms/{room_id}/tokens")
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])
+
+
+@dataclass
+class World:
+    """A partnership of two institutions with a room, a coordinator and members."""
+
+    server: ServerProcess
+    admin: httpx.AsyncClient
+    partnership_id: int
+    room_id: int
+    institutions: list[int]
+    members: list[Member] = field(default_factory=list)
+    _clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def create(cls, server: ServerProcess, members: int = 3) -> AsyncIterator[World]:
+        admin = await login(server, ADMIN_EMAIL, ADMIN_PASSWORD)
+        tag = uuid.uuid4().hex[:8]
+        insts = []
+        for name, country in ((f"Univ A {tag}", "MX"), (f"Univ B {tag}", "DK")):
+            r = await admin.post("/api/institutions", json={"name": name, "country": country})
+            assert r.status_code == 201, r.text
+            insts.append(r.json()["id"])
+        r = await admin.post(
+            "/api/partnerships", json={"title": f"Partnership {tag}", "institution_ids": insts}
+        )
+        assert r.status_code == 201, r.text
+        world = cls(server, admin, r.json()["id"], r.json()["room_id"], insts)
+        world._clients.append(admin)
+        try:
+            for i in range(members):
+                await world.add_member(f"Member {i} {tag}", insts[i % 2])
+            yield world
+        finally:
+            for client in world._clients:
+                await client.aclose()
+
+    async def add_user(self, name: str, institution_id: int | None, role: str = "instructor") -> Member:
+        email = f"{uuid.uuid4().hex[:12]}@tests.coilroom.test"
+        r = await self.admin.post(
+            "/api/users",
+            json={
+                "email": email,
+                "name": name,
+                "password": PASSWORD,
+                "institution_id": institution_id,
+                "role": role,
+            },
+        )
+        assert r.status_code == 201, r.text
+        client = await login(self.server, email, PASSWORD)
+        self._clients.append(client)
+        return Member(r.json()["id"], email, name, client)
+
+    async def add_member(self, name: str, institution_id: int, role: str = "instructor") -> Member:
+        member = await self.add_user(name, institution_id)
+        r = await self.admin.post(
+            f"/api/partnerships/{self.partnership_id}/members",
+            json={"user_id": member.id, "role": role},
+        )
+        assert r.status_code == 201, r.text
+        self.members.append(member)
+        return member
+
+
+async def login(server: ServerProcess, email: str, password: str) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT)
+    r = await client.post("/api/session", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    return client
+
+
+class Socket:
+    """A room socket client that reads JSON frames with a bounded wait."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        return dict(json.loads(raw))
+
+    async def recv_until(self, type_: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        """Read frames until one of ``type_`` whose fields equal ``match``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                if frame["type"] == type_ and all(frame.get(k) == v for k, v in match.items()):
+                    return frame
+
+    async def collect(self, type_: str, count: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while len(got) < count:
+                frame = await self.recv(timeout)
+                if frame["type"] == type_:
+                    got.append(frame)
+        return got
+
+    async def close_code(self, timeout: float = TIMEOUT) -> int | None:
+        """Wait for the server to close; returns the close code it sent."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        await self.ws.wait_closed()
+        return self.ws.close_code
+
+
+@contextlib.asynccontextmanager
+async def room_socket(
+    server: ServerProcess,
+    room_id: int,
+    *,
+    token: str | None = None,
+    params: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    expect_welcome: bool = True,
+    **kwargs: Any,
+) -> AsyncIterator[Socket]:
+    query = dict(params or {})
+    if token is not None:
+        query["token"] = token
+    url = f"{server.ws_url}/ws/rooms/{room_id}"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    async with connect(url, additional_headers=headers, open_timeout=TIMEOUT, **kwargs) as ws:
+        sock = Socket(ws)
+        if expect_welcome:
+            sock.welcome = await sock.recv()
+            assert sock.welcome["type"] == "welcome", sock.welcome
+        yield sock
+
+
+async def join(server: ServerProcess, member: Member, room_id: int, **kw: Any) -> contextlib.AbstractAsyncContextManager[Socket]:
+    return room_socket(server, room_id, token=await member.token(room_id), **kw)
