@@ -43,6 +43,7 @@ from rooms import (
     open_presence,
     routes as room_routes,
 )
+from rooms.access import configure_password_hashing
 from rooms.http import (
     ApiError,
     api_error_handler,
@@ -119,6 +120,8 @@ class Settings:
         "SQLite synchronous mode: FULL survives power loss; NORMAL only a crash of the process.",
         default="FULL",
     )
+    password_time_cost: int = _help("argon2id passes per password hash.", default=3)
+    password_memory_kib: int = _help("argon2id memory per password hash, KiB.", default=64 * 1024)
     auto_migrate: bool = _help("Upgrade the database schema when the server starts.", default=True)
     log_level: str = _help("Logging level.", default="info")
 
@@ -145,6 +148,8 @@ class Settings:
         data = Path(self.data_dir)
         url = self.database_url or f"sqlite+aiosqlite:///{data / 'coilroom.db'}"
         key = self.secret_key or _load_or_create_key(data / "secret_key")
+        if len(key) < 32:
+            raise SystemExit("COILROOM_SECRET_KEY must be at least 32 characters")
         return dataclasses.replace(self, database_url=url, secret_key=key)
 
 
@@ -270,6 +275,9 @@ async def not_found(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Resources open in the lifespan and close in reverse order."""
     settings = (settings or Settings.from_environ()).resolved()
+    configure_password_hashing(
+        time_cost=settings.password_time_cost, memory_kib=settings.password_memory_kib
+    )
     app_metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -433,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = dataclasses.replace(settings, port=args.port)
     settings = settings.resolved()
     configure_logging(settings.log_level)
+    configure_password_hashing(
+        time_cost=settings.password_time_cost, memory_kib=settings.password_memory_kib
+    )
 
     if args.command == "migrate":
         run_migrations(settings.database_url)

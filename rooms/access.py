@@ -26,6 +26,14 @@ _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("coilroom: no such user")
 
 
+def configure_password_hashing(*, time_cost: int, memory_kib: int) -> None:
+    """Set the argon2id cost for new hashes (process-wide; existing hashes keep theirs)."""
+    global _hasher, _DUMMY_HASH
+    if (time_cost, memory_kib) != (_hasher.time_cost, _hasher.memory_cost):
+        _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib)
+        _DUMMY_HASH = _hasher.hash("coilroom: no such user")
+
+
 async def hash_password(password: str) -> str:
     """argon2id hash, computed off the event loop (it costs tens of milliseconds)."""
     return await anyio.to_thread.run_sync(_hasher.hash, password)

@@ -12,7 +12,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rooms.access import SESSION_COOKIE, Authenticator, hash_password, verify_password
-from rooms.http import ApiError, current_user, json_response, path_int, query_int, read_body
+from rooms.http import (
+    ApiError,
+    check_origin,
+    current_user,
+    json_response,
+    path_int,
+    query_int,
+    read_body,
+)
 from rooms.limits import FailureWindow
 from rooms.messages import iso
 from storage import admin
@@ -63,11 +71,15 @@ def set_session_cookie(request: Request, response: Response, token: str, ttl: fl
     )
 
 
-async def login(request: Request) -> Response:
-    body = await read_body(request, Login)
+def _attempt(request: Request, email: str) -> tuple[str, ...]:
+    """Count one password attempt for this address and e-mail, or refuse it (429).
+
+    The attempt is counted before the (slow) password check, so parallel guesses
+    cannot slip past the limit; a success clears the count.
+    """
     limiter: FailureWindow = request.app.state.login_limiter
     client = request.client.host if request.client else "unknown"
-    email = body.email.strip().lower()
+    email = email.strip().lower()
     keys = (f"{client}|{email}", f"email|{email}")
     now = time.monotonic()
     wait = max(limiter.blocked_for(k, now) for k in keys)
@@ -76,14 +88,27 @@ async def login(request: Request) -> Response:
             429, "rate_limited", "too many failed logins: try again later",
             headers={"Retry-After": str(int(wait) + 1)},
         )
-    found = await user_with_hash(request.app.state.db.sessions, email)
-    ok = await verify_password(found[1] if found else None, body.password)
-    if not found or not ok:
-        for k in keys:
-            limiter.fail(k, time.monotonic())
-        raise ApiError(401, "invalid_credentials", "wrong e-mail or password")
+    for k in keys:
+        limiter.fail(k, now)
+    return keys
+
+
+def _succeeded(request: Request, keys: tuple[str, ...]) -> None:
+    limiter: FailureWindow = request.app.state.login_limiter
     for k in keys:
         limiter.clear(k)
+
+
+async def login(request: Request) -> Response:
+    # A foreign page must not log a browser in (login CSRF).
+    check_origin(request)
+    body = await read_body(request, Login)
+    keys = _attempt(request, body.email)
+    found = await user_with_hash(request.app.state.db.sessions, body.email)
+    ok = await verify_password(found[1] if found else None, body.password)
+    if not found or not ok:
+        raise ApiError(401, "invalid_credentials", "wrong e-mail or password")
+    _succeeded(request, keys)
     user = found[0]
     return await _logged_in(request, user, {"user": user.as_json()})
 
@@ -97,11 +122,18 @@ async def _logged_in(request: Request, user: UserInfo, payload: dict[str, Any]) 
 
 
 async def logout(request: Request) -> Response:
+    check_origin(request)
     token = request.cookies.get(SESSION_COOKIE)
-    if token:
+    if token and len(token) <= 200:
         await end_session(request.app.state.db.sessions, token)
     response = json_response({"ok": True})
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.app.state.settings.cookie_secure,
+    )
     return response
 
 
@@ -135,9 +167,7 @@ async def _member_of(request: Request) -> tuple[UserInfo, int]:
 
 async def room_token(request: Request) -> Response:
     user, room_id = await _member_of(request)
-    body = TokenRequest()
-    if await request.body():
-        body = await read_body(request, TokenRequest)
+    body = await read_body(request, TokenRequest, empty=TokenRequest())
     auth: Authenticator = request.app.state.auth
     token, expires = auth.mint_room_token(user.id, room_id, body.ttl_seconds)
     return json_response({"token": token, "expires_at": iso(expires)}, 201)
@@ -190,6 +220,7 @@ async def invitation_preview(request: Request) -> Response:
 async def accept_invitation(request: Request) -> Response:
     """Accept: link the logged-in account (or the one whose password is given),
     or create an account with ``name`` and ``password``; then log in."""
+    check_origin(request)
     body = await read_body(request, Accept)
     sessions = request.app.state.db.sessions
     try:
@@ -204,9 +235,12 @@ async def accept_invitation(request: Request) -> Response:
         if caller is not None and caller.email == inv.email:
             user_id = caller.id
         elif body.password is not None:
+            # A password guess like any other: the login limit applies.
+            keys = _attempt(request, inv.email)
             found = await user_with_hash(sessions, inv.email)
             if found is None or not await verify_password(found[1], body.password):
                 raise ApiError(401, "invalid_credentials", "wrong password for the invited account")
+            _succeeded(request, keys)
             user_id = found[0].id
         else:
             raise ApiError(
@@ -227,7 +261,6 @@ async def accept_invitation(request: Request) -> Response:
         EventRow("invitation_accepted", room_id, user_id, {"invitation": inv.id})
     )
     async with sessions() as session:
-
         user = await user_by_id(session, user_id)
     assert user is not None
     return await _logged_in(

@@ -178,11 +178,13 @@ async def institutions(request: Request) -> Response:
 
 @refusals
 async def institution(request: Request) -> Response:
-    await require_admin(request)
+    user = await require_admin(request)
+    inst_id = path_int(request, "institution_id")
     body = await read_body(request, InstitutionChanges)
-    return json_response(
-        await admin.update_institution(_db(request), path_int(request, "institution_id"), _changes(body))
-    )
+    changes = _changes(body)
+    result = await admin.update_institution(_db(request), inst_id, changes)
+    _audit(request, "admin.institution_changed", user, institution_id=inst_id, fields=sorted(changes))
+    return json_response(result)
 
 
 @refusals
@@ -208,10 +210,19 @@ async def user_detail(request: Request) -> Response:
     caller = await require_admin(request)
     body = await read_body(request, UserChanges)
     changes = _changes(body)
+    user_id = path_int(request, "user_id")
+    if user_id == caller.id and (
+        changes.get("disabled") is True or changes.get("role", UserRole.ADMIN) != UserRole.ADMIN
+    ):
+        # Guard against locking the last administrator out by mistake.
+        raise ApiError(409, "self", "administrators cannot disable or demote themselves")
     if "password" in changes:
         changes["password_hash"] = await hash_password(changes.pop("password"))
-    user_id = path_int(request, "user_id")
-    result = await admin.update_user(_db(request), user_id, changes)
+    result, room_ids = await admin.update_user(_db(request), user_id, changes)
+    hub = request.app.state.room_services.hub
+    for room_id in room_ids:
+        # A disabled user's live sockets end now, on every process.
+        await hub.publish(room_id, Envelope(control="revoke", user_id=user_id))
     _audit(request, "admin.user_changed", caller, user_id=user_id, fields=sorted(changes))
     return json_response(result)
 
@@ -247,7 +258,11 @@ async def partnership(request: Request) -> Response:
     if request.method == "GET":
         return json_response(await admin.get_partnership(_db(request), partnership_id))
     body = await read_body(request, PartnershipChanges)
-    return json_response(await admin.update_partnership(_db(request), partnership_id, _changes(body)))
+    changes = _changes(body)
+    result = await admin.update_partnership(_db(request), partnership_id, dict(changes))
+    _audit(request, "partnership_changed", user, result["room_id"],
+           partnership_id=partnership_id, fields=sorted(changes))
+    return json_response(result)
 
 
 @refusals
@@ -270,7 +285,9 @@ async def agreement(request: Request) -> Response:
     values = _changes(body)
     if "signatories" in values:
         values["signatories"] = msgspec.to_builtins(values["signatories"])
-    return json_response(await admin.set_agreement(_db(request), partnership_id, values, user.id))
+    result = await admin.set_agreement(_db(request), partnership_id, values, user.id)
+    _audit(request, "agreement_changed", user, partnership_id=partnership_id, fields=sorted(values))
+    return json_response(result)
 
 
 # -- members and invitations --------------------------------------------------------------
@@ -294,10 +311,10 @@ async def member(request: Request) -> Response:
     member_id = path_int(request, "user_id")
     if request.method == "PATCH":
         body = await read_body(request, MemberChange)
-        added = await admin.set_member(_db(request), partnership_id, member_id, body.role)
-        if added:
-            raise ApiError(404, "not_found", "not a member")  # pragma: no cover - race only
-        _audit(request, "member_changed", user, partnership_id=partnership_id, member=member_id)
+        # Only changes a role: adding someone is POST .../members.
+        await admin.change_member_role(_db(request), partnership_id, member_id, body.role)
+        _audit(request, "member_changed", user, partnership_id=partnership_id, member=member_id,
+               role=body.role.value)
         return json_response({"user_id": member_id, "role": body.role.value})
     room_ids = await admin.remove_member(_db(request), partnership_id, member_id)
     hub = request.app.state.room_services.hub
@@ -339,13 +356,11 @@ async def invitation(request: Request) -> Response:
 @refusals
 async def resend_invitation(request: Request) -> Response:
     user, partnership_id = await manager_of(request)
-    body = Resend()
-    if await request.body():
-        body = await read_body(request, Resend)
+    inv_id = path_int(request, "invitation_id")
+    body = await read_body(request, Resend, empty=Resend())
     ttl = body.ttl_seconds or request.app.state.settings.invitation_ttl
-    inv, code = await admin.renew_invitation(
-        _db(request), partnership_id, path_int(request, "invitation_id"), ttl
-    )
+    inv, code = await admin.renew_invitation(_db(request), partnership_id, inv_id, ttl)
+    _audit(request, "invitation_resent", user, partnership_id=partnership_id, invitation=inv_id)
     return json_response({**inv, "code": code, "accept_url": _accept_url(request, code)})
 
 

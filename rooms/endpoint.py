@@ -184,6 +184,7 @@ class Connection:
         if hub.connections_of(self.user.id) >= self.limits.max_connections_per_user:
             raise RateLimited("too many connections for this user")
         async with hub.join(self.room_id, self.member) as room:
+            failure: RoomError | None = None
             with self._scope:
                 try:
                     await self._enter(room, after, edits_after)
@@ -194,13 +195,28 @@ class Connection:
                             tg.cancel_scope.cancel()
                     except BaseExceptionGroup as group:
                         raise _unwrap(group) from None
+                except RoomError as error:
+                    failure = error
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._leave()
-            if self.member.failure is not None:
-                if isinstance(self.member.failure, TryAgainLater):
-                    self.services.metrics.slow_consumers.inc()
-                raise self.member.failure
+            failure = self.member.failure or failure
+            if failure is None:
+                return
+            if isinstance(failure, TryAgainLater):
+                self.services.metrics.slow_consumers.inc()
+            else:
+                # Let the client read the answers to what it sent (acks, errors)
+                # before the close frame that explains why it is being closed.
+                await self._flush()
+            raise failure
+
+    async def _flush(self) -> None:
+        with anyio.move_on_after(self.limits.close_timeout):
+            if self.member.in_flight:
+                await self.member.settled.wait()
+            for _seq, text in self.member.outbox.drain():
+                await self.send_text(text)
 
     async def _enter(self, room: LocalRoom, after: int | None, edits_after: int | None) -> None:
         services = self.services

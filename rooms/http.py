@@ -77,17 +77,25 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal", "internal server error")
 
 
-async def read_body(request: Request, schema: type[T]) -> T:
-    """Decode a JSON body into ``schema``: 415 if not JSON, 413 if too big, 422 if invalid."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    body = b""
+async def read_body(request: Request, schema: type[T], *, empty: T | None = None) -> T:
+    """Decode a JSON body into ``schema``.
+
+    415 if not sent as JSON, 413 if too big, 400 if not JSON at all, 422 if it does not
+    fit the schema (unknown fields, wrong types, values out of range). When ``empty``
+    is given, a request without a body means ``empty``.
+    """
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+    if not body and empty is not None:
+        return empty
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     try:
-        return msgspec.json.decode(body, type=schema)
+        return msgspec.json.decode(bytes(body), type=schema)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "invalid", str(exc)) from None
     except msgspec.DecodeError:
@@ -117,23 +125,28 @@ def query_int(request: Request, name: str, default: int | None, *, low: int, hig
     return value
 
 
-async def current_user(request: Request, *, optional: bool = False) -> UserInfo:
-    """The logged-in caller (401 otherwise).
+def check_origin(request: Request) -> None:
+    """Refuse (403) a state-changing request sent from a foreign page.
 
-    Requests that change state must come from an allowed Origin when the browser
-    sends one: with the SameSite cookie, this closes cross-site request forgery.
+    Browsers send ``Origin`` with every cross-site POST/PUT/PATCH/DELETE (and with
+    same-site ones); programs usually send none, and are let through. Together with
+    the SameSite=Lax cookie this closes cross-site request forgery.
     """
+    origin = request.headers.get("origin")
+    if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return
+    auth: Authenticator = request.app.state.auth
+    if not auth.origin_allowed(origin, host=request.headers.get("host"), scheme=request.url.scheme):
+        raise ApiError(403, "origin_not_allowed", "requests from this origin are not allowed")
+
+
+async def current_user(request: Request) -> UserInfo:
+    """The logged-in caller (401 otherwise); 403 for a state change from a foreign Origin."""
     auth: Authenticator = request.app.state.auth
     user = await auth.user_from_cookie(request.cookies)
     if user is None:
         raise ApiError(401, "not_authenticated", "log in first")
-    origin = request.headers.get("origin")
-    if (
-        request.method not in ("GET", "HEAD", "OPTIONS")
-        and origin is not None
-        and not auth.origin_allowed(origin, host=request.headers.get("host"), scheme=request.url.scheme)
-    ):
-        raise ApiError(403, "origin_not_allowed", "requests from this origin are not allowed")
+    check_origin(request)
     return user
 
 

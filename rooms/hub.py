@@ -53,6 +53,9 @@ class Member:
     # copies of them are skipped so nothing arrives twice.
     floor: int = 0
     failure: RoomError | None = None
+    # Chat requests handed to the writer and not yet answered (ack or error).
+    in_flight: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, text: str, seq: int = 0) -> None:
         """Queue a frame for this connection without waiting."""
@@ -60,6 +63,15 @@ class Member:
             self.outbox.put(text, seq)
         except OutboxFull:
             self.fail(SlowConsumer())
+
+    def submitted(self) -> None:
+        self.in_flight += 1
+        self.settled.clear()
+
+    def answered(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.settled.set()
 
     def fail(self, error: RoomError) -> None:
         """End this connection with ``error``'s close code (first failure wins)."""
@@ -100,6 +112,7 @@ class ChatWriter:
         if self._queue.qsize() >= self.max_queue:
             return False
         self._queue.put_nowait(request)
+        request.member.submitted()
         return True
 
     def stop(self) -> None:
@@ -156,6 +169,7 @@ class ChatWriter:
                         "unavailable", "message not stored; send it again", r.client_id
                     )
                 )
+                r.member.answered()
             return
         now = time.perf_counter()
         hub.metrics.chat_batch_size.observe(len(batch))
@@ -164,6 +178,7 @@ class ChatWriter:
             request.member.offer(
                 create_chat_ack(message.client_id, message.seq, duplicate=message.duplicate)
             )
+            request.member.answered()
             if message.duplicate:
                 continue
             hub.metrics.messages.inc()
@@ -182,6 +197,12 @@ class ChatWriter:
             )
 
     async def _write_change(self, request: ChatRequest) -> None:
+        try:
+            await self._apply_change(request)
+        finally:
+            request.member.answered()
+
+    async def _apply_change(self, request: ChatRequest) -> None:
         room = self.room
         try:
             changed = await change_message(

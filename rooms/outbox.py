@@ -51,6 +51,12 @@ class Outbox:
         self._items.clear()
         return items
 
+    def drain(self) -> list[tuple[int, str]]:
+        """Take whatever is queued, without waiting."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     def close(self) -> None:
         self._closed = True
         self._items.clear()

@@ -7,6 +7,7 @@ traffic). Tests that restart or kill a server start their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -91,3 +92,22 @@ async def world(server: ServerProcess) -> AsyncIterator[World]:
 async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
         yield client
+
+
+@contextlib.contextmanager
+def dedicated_server(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, settings: dict[str, str]
+) -> Iterator[ServerProcess]:
+    """A server of one's own (fresh database), for tests that change limits or stop it."""
+    url = fresh_database_url(backend, tmp_path_factory)
+    proc = ServerProcess(
+        database_url=url, data_dir=tmp_path_factory.mktemp("data"), settings=settings
+    )
+    proc.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if backend == "postgres":
+            drop_postgres_database(POSTGRES_ADMIN_URL, url.rsplit("/", 1)[1])

@@ -88,6 +88,9 @@ class ServerProcess:
                 "COILROOM_DATA_DIR": str(self.data_dir),
                 "COILROOM_LOG_LEVEL": "info",
                 "COILROOM_SQLITE_SYNCHRONOUS": "NORMAL",
+                # Cheap hashes keep account set-up fast; production keeps the defaults.
+                "COILROOM_PASSWORD_TIME_COST": "1",
+                "COILROOM_PASSWORD_MEMORY_KIB": "8192",
             }
         )
         env.update({f"COILROOM_{k}": v for k, v in self.settings.items()})
@@ -289,6 +292,9 @@ async def room_socket(
     query = dict(params or {})
     if token is not None:
         query["token"] = token
+    # Unbounded client queue: a test socket that does not read everything must
+    # still see the server's close frame when it leaves.
+    kwargs.setdefault("max_queue", None)
     url = f"{server.ws_url}/ws/rooms/{room_id}"
     if query:
         url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
