@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +41,8 @@ from rooms import (
     SocketLimits,
     open_broker,
     open_presence,
+)
+from rooms import (
     routes as room_routes,
 )
 from rooms.access import configure_password_hashing
@@ -69,7 +71,9 @@ class Settings:
 
     host: str = _help("Address to listen on.", default="127.0.0.1")
     port: int = _help("Port to listen on.", default=8000)
-    data_dir: str = _help("Folder for the SQLite file and the generated secret key.", default="data")
+    data_dir: str = _help(
+        "Folder for the SQLite file and the generated secret key.", default="data"
+    )
     database_url: str = _help(
         "SQLAlchemy URL. Empty: SQLite file in DATA_DIR. Production: "
         "postgresql+asyncpg://user@host/db.",
@@ -89,40 +93,74 @@ class Settings:
         "session cookie, besides the server's own origin.",
         default="",
     )
-    cookie_secure: bool = _help("Mark the session cookie Secure (set true behind HTTPS).", default=False)
+    cookie_secure: bool = _help(
+        "Mark the session cookie Secure (set true behind HTTPS).", default=False
+    )
     session_ttl: float = _help("Seconds a login session lasts.", default=12 * 3600.0)
-    room_token_ttl: float = _help("Default lifetime of a room token, seconds.", default=900.0)
-    room_token_max_ttl: float = _help("Longest lifetime a room token may ask for, seconds.", default=3600.0)
-    invitation_ttl: float = _help("Default lifetime of an invitation, seconds.", default=7 * 86400.0)
-    max_frame_bytes: int = _help("Largest WebSocket message accepted (close 1009 above).", default=64 * 1024)
+    room_token_ttl: float = _help(
+        "Default lifetime of a room token, seconds.", default=900.0
+    )
+    room_token_max_ttl: float = _help(
+        "Longest lifetime a room token may ask for, seconds.", default=3600.0
+    )
+    invitation_ttl: float = _help(
+        "Default lifetime of an invitation, seconds.", default=7 * 86400.0
+    )
+    max_frame_bytes: int = _help(
+        "Largest WebSocket message accepted (close 1009 above).", default=64 * 1024
+    )
     max_text_chars: int = _help("Longest chat message, in characters.", default=4000)
-    messages_per_second: float = _help("Messages a connection may send per second, on average.", default=10.0)
+    messages_per_second: float = _help(
+        "Messages a connection may send per second, on average.", default=10.0
+    )
     message_burst: int = _help(
         "Messages a connection may send at once above the average rate; a client that keeps "
         "sending past it is closed with 4429.",
         default=30,
     )
-    max_connections_per_user: int = _help("Open room sockets per user on one server process.", default=10)
+    max_connections_per_user: int = _help(
+        "Open room sockets per user on one server process.", default=10
+    )
     send_queue_frames: int = _help(
         "Frames queued for one connection before it counts as too slow (closed with 1013).",
         default=1024,
     )
-    open_timeout: float = _help("Seconds allowed to authenticate a new socket.", default=10.0)
-    typing_timeout: float = _help("Seconds after which a silent 'typing' state clears.", default=6.0)
+    open_timeout: float = _help(
+        "Seconds allowed to authenticate a new socket.", default=10.0
+    )
+    typing_timeout: float = _help(
+        "Seconds after which a silent 'typing' state clears.", default=6.0
+    )
     heartbeat_interval: float = _help("Seconds between WebSocket pings.", default=20.0)
-    heartbeat_timeout: float = _help("Seconds to wait for a pong before dropping a connection.", default=20.0)
-    close_timeout: float = _help("Seconds to wait for a client to take a close frame.", default=5.0)
-    login_attempts: int = _help("Failed logins allowed per e-mail and address per window.", default=5)
-    login_window: float = _help("Window for counting failed logins, seconds.", default=300.0)
-    chat_queue_size: int = _help("Chat messages waiting to be stored per room before 'busy'.", default=1000)
-    chat_batch_size: int = _help("Most chat messages stored in one transaction.", default=100)
+    heartbeat_timeout: float = _help(
+        "Seconds to wait for a pong before dropping a connection.", default=20.0
+    )
+    close_timeout: float = _help(
+        "Seconds to wait for a client to take a close frame.", default=5.0
+    )
+    login_attempts: int = _help(
+        "Failed logins allowed per e-mail and address per window.", default=5
+    )
+    login_window: float = _help(
+        "Window for counting failed logins, seconds.", default=300.0
+    )
+    chat_queue_size: int = _help(
+        "Chat messages waiting to be stored per room before 'busy'.", default=1000
+    )
+    chat_batch_size: int = _help(
+        "Most chat messages stored in one transaction.", default=100
+    )
     sqlite_synchronous: str = _help(
         "SQLite synchronous mode: FULL survives power loss; NORMAL only a crash of the process.",
         default="FULL",
     )
     password_time_cost: int = _help("argon2id passes per password hash.", default=3)
-    password_memory_kib: int = _help("argon2id memory per password hash, KiB.", default=64 * 1024)
-    auto_migrate: bool = _help("Upgrade the database schema when the server starts.", default=True)
+    password_memory_kib: int = _help(
+        "argon2id memory per password hash, KiB.", default=64 * 1024
+    )
+    auto_migrate: bool = _help(
+        "Upgrade the database schema when the server starts.", default=True
+    )
     log_level: str = _help("Logging level.", default="info")
 
     @classmethod
@@ -183,11 +221,15 @@ def _load_or_create_key(path: Path) -> str:
 class RedactSecrets(logging.Filter):
     """Keep tokens and invitation codes out of logs (uvicorn logs request paths)."""
 
-    _pattern = re.compile(r"((?:token|code)=)[^&\s\"']+|(/invite/|/api/invitations/)[A-Za-z0-9_\-]{10,}")
+    _pattern = re.compile(
+        r"((?:token|code)=)[^&\s\"']+|(/invite/|/api/invitations/)[A-Za-z0-9_\-]{10,}"
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = self._pattern.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", message)
+        redacted = self._pattern.sub(
+            lambda m: (m.group(1) or m.group(2)) + "[redacted]", message
+        )
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True
@@ -285,7 +327,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if settings.auto_migrate:
             await anyio.to_thread.run_sync(run_migrations, settings.database_url)
         async with (
-            open_database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous) as db,
+            open_database(
+                settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+            ) as db,
             open_broker(settings.redis_url) as broker,
             open_presence(settings.redis_url) as presence,
             RoomHub(
@@ -299,7 +343,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             auth = Authenticator(
                 secret_key=settings.secret_key,
                 sessions=db.sessions,
-                allowed_origins=[o for o in settings.allowed_origins.split(",") if o.strip()],
+                allowed_origins=[
+                    o for o in settings.allowed_origins.split(",") if o.strip()
+                ],
                 room_token_ttl=settings.room_token_ttl,
                 room_token_max_ttl=settings.room_token_max_ttl,
             )
@@ -307,7 +353,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.db = db
             app.state.broker = broker
             app.state.auth = auth
-            app.state.login_limiter = FailureWindow(settings.login_attempts, settings.login_window)
+            app.state.login_limiter = FailureWindow(
+                settings.login_attempts, settings.login_window
+            )
             app.state.room_services = RoomServices(
                 auth=auth,
                 hub=hub,
@@ -354,7 +402,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 # -- command line ----------------------------------------------------------------------
 
-DEMO_PASSWORD = "coilroom-demo"
+DEMO_PASSWORD = "coilroom-demo"  # noqa: S105 - the documented demo login
 DEMO_USERS = (
     ("admin@demo.coilroom.test", "Alex Admin", "admin", None),
     ("coordinator@demo.coilroom.test", "Carmen Ortega", "coordinator", 0),
@@ -374,12 +422,16 @@ async def create_demo_data(database_url: str) -> bool:
 
     async with open_database(database_url) as db:
         async with db.sessions() as session:
-            if (await session.execute(select(func.count()).select_from(User))).scalar_one():
+            if (
+                await session.execute(select(func.count()).select_from(User))
+            ).scalar_one():
                 return False
         mx = await store.create_institution(
             db.sessions, "Universidad del Valle Central", "MX", "America/Mexico_City"
         )
-        dk = await store.create_institution(db.sessions, "Nordhavn University", "DK", "Europe/Copenhagen")
+        dk = await store.create_institution(
+            db.sessions, "Nordhavn University", "DK", "Europe/Copenhagen"
+        )
         password_hash = await hash_password(DEMO_PASSWORD)
         ids = {}
         for email, name, role, inst in DEMO_USERS:
@@ -450,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         print("database schema is up to date")
         return 0
     if args.command == "create-admin":
-        password = os.environ.get("COILROOM_ADMIN_PASSWORD") or getpass.getpass("Password: ")
+        password = os.environ.get("COILROOM_ADMIN_PASSWORD") or getpass.getpass(
+            "Password: "
+        )
         if len(password) < 10:
             print("the password needs at least 10 characters", file=sys.stderr)
             return 2
@@ -458,9 +512,14 @@ def main(argv: list[str] | None = None) -> int:
         import asyncio
 
         try:
-            user_id = asyncio.run(create_admin(settings.database_url, args.email, args.name, password))
+            user_id = asyncio.run(
+                create_admin(settings.database_url, args.email, args.name, password)
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
-            print(f"could not create the admin: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            print(
+                f"could not create the admin: {getattr(exc, 'message', exc)}",
+                file=sys.stderr,
+            )
             return 1
         print(f"admin {args.email} created (id {user_id})")
         return 0
@@ -471,11 +530,17 @@ def main(argv: list[str] | None = None) -> int:
 
     run_migrations(settings.database_url)
     embedded = settings.database_url.startswith("sqlite") and not settings.redis_url
-    demo = embedded and not args.no_demo and asyncio.run(create_demo_data(settings.database_url))
+    demo = (
+        embedded
+        and not args.no_demo
+        and asyncio.run(create_demo_data(settings.database_url))
+    )
     url = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.port}/"
     print(f"\n  Coilroom is running at {url}", flush=True)
     if embedded and not args.no_demo:
-        print(f"  Demo logins (password: {DEMO_PASSWORD}){' - created now' if demo else ''}:")
+        print(
+            f"  Demo logins (password: {DEMO_PASSWORD}){' - created now' if demo else ''}:"
+        )
         for email, name, role, _ in DEMO_USERS:
             print(f"    {email:34} {name} ({role})")
     print(flush=True)

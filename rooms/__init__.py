@@ -1,5 +1,7 @@
 """Rooms and the people in them: access, presence, chat, fan-out, and their HTTP API."""
 
+from starlette.routing import WebSocketRoute
+
 from rooms.access import Authenticator
 from rooms.account_routes import routes as _account_routes
 from rooms.admin_routes import routes as _admin_routes
@@ -10,7 +12,6 @@ from rooms.hub import RoomHub
 from rooms.limits import FailureWindow
 from rooms.metrics import Metrics
 from rooms.presence import MemoryPresence, PresenceStore, open_presence
-from starlette.routing import WebSocketRoute
 
 routes = [
     *_account_routes,

@@ -15,10 +15,16 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rooms.errors import Forbidden, NotAuthenticated, RoomNotFound
-from storage.accounts import RoomAccess, UserInfo, room_access, user_by_id, user_for_session
+from storage.accounts import (
+    RoomAccess,
+    UserInfo,
+    room_access,
+    user_by_id,
+    user_for_session,
+)
 
 SESSION_COOKIE = "coilroom_session"
-ROOM_TOKEN_TYPE = "room"
+ROOM_TOKEN_TYPE = "room"  # noqa: S105 - a token kind, not a secret
 
 _hasher = PasswordHasher()
 # Verified against when the e-mail is unknown, so a failed login takes as long
@@ -42,7 +48,10 @@ async def hash_password(password: str) -> str:
 async def verify_password(stored_hash: str | None, password: str) -> bool:
     def check() -> bool:
         try:
-            return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+            return (
+                _hasher.verify(stored_hash or _DUMMY_HASH, password)
+                and stored_hash is not None
+            )
         except (VerificationError, InvalidHashError):
             return False
 
@@ -76,14 +85,18 @@ class Authenticator:
     ) -> None:
         self._key = secret_key
         self.sessions = sessions
-        self.allowed_origins = frozenset(normalise_origin(o) for o in allowed_origins if o)
+        self.allowed_origins = frozenset(
+            normalise_origin(o) for o in allowed_origins if o
+        )
         self.room_token_ttl = room_token_ttl
         self.room_token_max_ttl = room_token_max_ttl
 
     def __repr__(self) -> str:  # keep the key out of any debug output
         return f"Authenticator(origins={sorted(self.allowed_origins)})"
 
-    def origin_allowed(self, origin: str | None, *, host: str | None, scheme: str) -> bool:
+    def origin_allowed(
+        self, origin: str | None, *, host: str | None, scheme: str
+    ) -> bool:
         """Same origin as the request, or listed in the allowed origins."""
         if not origin:
             return False
@@ -103,7 +116,13 @@ class Authenticator:
         now = int(time.time())
         expires = now + int(ttl)
         token = jwt.encode(
-            {"sub": str(user_id), "room": room_id, "typ": ROOM_TOKEN_TYPE, "iat": now, "exp": expires},
+            {
+                "sub": str(user_id),
+                "room": room_id,
+                "typ": ROOM_TOKEN_TYPE,
+                "iat": now,
+                "exp": expires,
+            },
             self._key,
             algorithm="HS256",
         )

@@ -40,7 +40,9 @@ Deliver = Callable[[Envelope], None]
 class Broker(Protocol):
     """Publish/subscribe by topic. ``deliver`` callbacks must not block."""
 
-    def subscribe(self, topic: str, deliver: Deliver) -> contextlib.AbstractAsyncContextManager[None]:
+    def subscribe(
+        self, topic: str, deliver: Deliver
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Receive the topic's envelopes for the duration of the block."""
         ...
 

@@ -97,12 +97,14 @@ def _parse_int(value: str | None) -> int | None:
     return number
 
 
-async def close_with(websocket: WebSocket, code: int, reason: str, timeout: float) -> None:
-    """Close the socket once; gives up after ``timeout`` (a client that stopped reading
+async def close_with(
+    websocket: WebSocket, code: int, reason: str, grace: float
+) -> None:
+    """Close the socket once; gives up after ``grace`` seconds (a client that stopped reading
     cannot receive a close frame; the server drops it when the function returns)."""
     if websocket.application_state != WebSocketState.CONNECTED:
         return
-    with anyio.move_on_after(timeout):
+    with anyio.move_on_after(grace):
         try:
             await websocket.close(code, reason)
         except Exception:  # noqa: BLE001 - the peer is already gone; nothing to tell it
@@ -164,7 +166,9 @@ class Connection:
         self.room_id = access.room.room_id
         user = access.user
         self.user = PresenceUser(user.id, user.name, user.institution, user.country)
-        self.bucket = TokenBucket(self.limits.messages_per_second, self.limits.message_burst)
+        self.bucket = TokenBucket(
+            self.limits.messages_per_second, self.limits.message_burst
+        )
         self.strikes = 0
         self.typing_deadline: float | None = None
         self._scope = anyio.CancelScope()
@@ -218,7 +222,9 @@ class Connection:
             for _seq, text in self.member.outbox.drain():
                 await self.send_text(text)
 
-    async def _enter(self, room: LocalRoom, after: int | None, edits_after: int | None) -> None:
+    async def _enter(
+        self, room: LocalRoom, after: int | None, edits_after: int | None
+    ) -> None:
         services = self.services
         change = await services.presence.add(self.room_id, self.conn_id, self.user)
         await self._announce(change)
@@ -266,7 +272,11 @@ class Connection:
         while cursor < last_seq:
             async with sessions() as session:
                 page = await messages_between(
-                    session, self.room_id, after=cursor, upto=last_seq, limit=REPLAY_PAGE
+                    session,
+                    self.room_id,
+                    after=cursor,
+                    upto=last_seq,
+                    limit=REPLAY_PAGE,
                 )
             if not page:
                 break
@@ -332,10 +342,14 @@ class Connection:
         if kind == "join":
             assert change.after is not None
             frame = {"type": "presence.join", **change.after.as_json()}
-            hub.record(EventRow("join", self.room_id, self.user.id, {"conn": self.conn_id}))
+            hub.record(
+                EventRow("join", self.room_id, self.user.id, {"conn": self.conn_id})
+            )
         elif kind == "leave":
             frame = {"type": "presence.leave", "user_id": self.user.id}
-            hub.record(EventRow("leave", self.room_id, self.user.id, {"conn": self.conn_id}))
+            hub.record(
+                EventRow("leave", self.room_id, self.user.id, {"conn": self.conn_id})
+            )
         else:
             assert change.after is not None
             after = change.after
@@ -367,7 +381,9 @@ class Connection:
                 message = await receive()
             else:
                 message = None
-                with anyio.move_on_after(max(0.0, self.typing_deadline - time.monotonic())):
+                with anyio.move_on_after(
+                    max(0.0, self.typing_deadline - time.monotonic())
+                ):
                     message = await receive()
                 if message is None:
                     # The client said it was typing and then went quiet: clear it.
@@ -380,13 +396,18 @@ class Connection:
             text = message.get("text")
             if text is None:
                 raise BadMessage("binary frames are not accepted on this socket")
-            if len(text) * 4 > limits.max_frame_bytes and len(text.encode()) > limits.max_frame_bytes:
+            if (
+                len(text) * 4 > limits.max_frame_bytes
+                and len(text.encode()) > limits.max_frame_bytes
+            ):
                 raise MessageTooBig(f"frame over {limits.max_frame_bytes} bytes")
             if not self.bucket.take(time.monotonic()):
                 self.strikes += 1
                 if self.strikes > limits.message_burst:
                     raise RateLimited("too many messages")
-                self._error("rate_limited", "slow down: message ignored", _peek_id(text))
+                self._error(
+                    "rate_limited", "slow down: message ignored", _peek_id(text)
+                )
                 continue
             self.strikes = 0
             try:
@@ -407,12 +428,19 @@ class Connection:
             case ChatSend(id=client_id, text=text):
                 self._submit(room, ChatRequest(self.member, "send", client_id, text))
             case ChatEdit(id=client_id, seq=seq, text=text):
-                self._submit(room, ChatRequest(self.member, "edit", client_id, text, seq))
+                self._submit(
+                    room, ChatRequest(self.member, "edit", client_id, text, seq)
+                )
             case ChatDelete(id=client_id, seq=seq):
-                self._submit(room, ChatRequest(self.member, "delete", client_id, None, seq))
+                self._submit(
+                    room, ChatRequest(self.member, "delete", client_id, None, seq)
+                )
             case ChatRead(seq=seq):
                 await mark_read(
-                    self.services.hub.sessions, self.access.room.partnership_id, self.user.id, seq
+                    self.services.hub.sessions,
+                    self.access.room.partnership_id,
+                    self.user.id,
+                    seq,
                 )
             case Typing(typing=typing):
                 self.typing_deadline = (
@@ -429,10 +457,14 @@ class Connection:
 
     def _submit(self, room: LocalRoom, request: ChatRequest) -> None:
         if not room.chat.submit(request):
-            self._error("busy", "the room is busy: send it again shortly", request.client_id)
+            self._error(
+                "busy", "the room is busy: send it again shortly", request.client_id
+            )
 
     async def _set_presence(self, **change: Any) -> None:
-        result = await self.services.presence.update(self.room_id, self.conn_id, **change)
+        result = await self.services.presence.update(
+            self.room_id, self.conn_id, **change
+        )
         await self._announce(result)
 
 

@@ -157,11 +157,16 @@ class ChatWriter:
             stored = await append_messages(
                 hub.sessions,
                 room.room_id,
-                [NewMessage(r.member.user.id, r.client_id or "", r.text or "") for r in batch],
+                [
+                    NewMessage(r.member.user.id, r.client_id or "", r.text or "")
+                    for r in batch
+                ],
                 names,
             )
         except Exception:
-            log.exception("room %s: storing %d chat messages failed", room.room_id, len(batch))
+            log.exception(
+                "room %s: storing %d chat messages failed", room.room_id, len(batch)
+            )
             hub.metrics.internal_errors.inc()
             for r in batch:
                 r.member.offer(
@@ -176,7 +181,9 @@ class ChatWriter:
         for request, message in zip(batch, stored, strict=True):
             hub.metrics.chat_commit_seconds.observe(now - request.received)
             request.member.offer(
-                create_chat_ack(message.client_id, message.seq, duplicate=message.duplicate)
+                create_chat_ack(
+                    message.client_id, message.seq, duplicate=message.duplicate
+                )
             )
             request.member.answered()
             if message.duplicate:
@@ -188,7 +195,10 @@ class ChatWriter:
                     text=create_chat_message(
                         seq=message.seq,
                         client_id=message.client_id,
-                        author={"id": request.member.user.id, "name": request.member.user.name},
+                        author={
+                            "id": request.member.user.id,
+                            "name": request.member.user.name,
+                        },
                         text=message.text,
                         created_at=message.created_at,
                     ),
@@ -213,13 +223,19 @@ class ChatWriter:
                 request.text if request.kind == "edit" else None,
             )
         except ChatEditRefused as refused:
-            request.member.offer(create_error(refused.code, refused.message, request.client_id))
+            request.member.offer(
+                create_error(refused.code, refused.message, request.client_id)
+            )
             return
         except Exception:
-            log.exception("room %s: changing message %s failed", room.room_id, request.seq)
+            log.exception(
+                "room %s: changing message %s failed", room.room_id, request.seq
+            )
             room.hub.metrics.internal_errors.inc()
             request.member.offer(
-                create_error("unavailable", "change not stored; try again", request.client_id)
+                create_error(
+                    "unavailable", "change not stored; try again", request.client_id
+                )
             )
             return
         assert changed.edit_seq is not None
@@ -395,4 +411,3 @@ class RoomHub:
             except Exception:
                 log.exception("writing %d activity events failed", len(batch))
                 self.metrics.events_dropped.inc(len(batch))
-

@@ -68,7 +68,9 @@ _encoder = msgspec.json.Encoder()
 class InvalidMessage(Exception):
     """A well-formed JSON object that breaks the schema: answered with an error frame."""
 
-    def __init__(self, detail: str, message_id: str | None = None, code: str = "invalid_message"):
+    def __init__(
+        self, detail: str, message_id: str | None = None, code: str = "invalid_message"
+    ):
         super().__init__(detail)
         self.detail = detail
         self.message_id = message_id
@@ -158,7 +160,9 @@ def create_chat_message(
 
 
 def create_chat_ack(client_id: str, seq: int, *, duplicate: bool = False) -> str:
-    return encode({"type": "chat.ack", "id": client_id, "seq": seq, "duplicate": duplicate})
+    return encode(
+        {"type": "chat.ack", "id": client_id, "seq": seq, "duplicate": duplicate}
+    )
 
 
 def create_chat_change(

@@ -5,9 +5,28 @@ Each app gets its own registry, so several apps in one process (tests) never cla
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class Metrics:
@@ -19,24 +38,38 @@ class Metrics:
         self.connections = Gauge(
             "coilroom_connections", "Open room socket connections", registry=r
         )
-        self.rooms = Gauge("coilroom_rooms_active", "Rooms with members on this process", registry=r)
+        self.rooms = Gauge(
+            "coilroom_rooms_active", "Rooms with members on this process", registry=r
+        )
         self.connections_total = Counter(
-            "coilroom_connections_opened", "Room socket connections accepted", registry=r
+            "coilroom_connections_opened",
+            "Room socket connections accepted",
+            registry=r,
         )
         self.closes = Counter(
-            "coilroom_connections_closed", "Connections closed, by close code", ["code"], registry=r
+            "coilroom_connections_closed",
+            "Connections closed, by close code",
+            ["code"],
+            registry=r,
         )
         self.messages = Counter(
-            "coilroom_chat_messages_stored", "Chat messages stored (not counting retries)", registry=r
+            "coilroom_chat_messages_stored",
+            "Chat messages stored (not counting retries)",
+            registry=r,
         )
         self.client_errors = Counter(
-            "coilroom_client_errors", "Error frames sent to clients, by code", ["code"], registry=r
+            "coilroom_client_errors",
+            "Error frames sent to clients, by code",
+            ["code"],
+            registry=r,
         )
         self.internal_errors = Counter(
             "coilroom_internal_errors", "Unexpected server errors", registry=r
         )
         self.slow_consumers = Counter(
-            "coilroom_slow_consumers", "Connections closed because their queue was full", registry=r
+            "coilroom_slow_consumers",
+            "Connections closed because their queue was full",
+            registry=r,
         )
         self.events_dropped = Counter(
             "coilroom_activity_events_dropped",

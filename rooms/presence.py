@@ -136,7 +136,9 @@ class PresenceBook:
         if not conns:
             del self._rooms[room_id]
         return Change(
-            aggregate([*(c for c in conns.values() if c.user.id == current.user.id), current]),
+            aggregate(
+                [*(c for c in conns.values() if c.user.id == current.user.id), current]
+            ),
             self._user(room_id, current.user.id),
         )
 
@@ -151,7 +153,10 @@ class PresenceBook:
 
     def connections_of(self, user_id: int) -> int:
         return sum(
-            1 for conns in self._rooms.values() for c in conns.values() if c.user.id == user_id
+            1
+            for conns in self._rooms.values()
+            for c in conns.values()
+            if c.user.id == user_id
         )
 
 

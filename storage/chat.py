@@ -112,7 +112,9 @@ async def append_messages(
     return results
 
 
-def _stored(row: ChatMessage, author_name: str | None, *, duplicate: bool = False) -> StoredMessage:
+def _stored(
+    row: ChatMessage, author_name: str | None, *, duplicate: bool = False
+) -> StoredMessage:
     return StoredMessage(
         seq=row.seq,
         client_id=row.client_id,
@@ -149,7 +151,9 @@ async def change_message(
     async with sessions.begin() as session:
         row = (
             await session.execute(
-                select(ChatMessage).where(ChatMessage.room_id == room_id, ChatMessage.seq == seq)
+                select(ChatMessage).where(
+                    ChatMessage.room_id == room_id, ChatMessage.seq == seq
+                )
             )
         ).scalar_one_or_none()
         if row is None:
@@ -189,7 +193,9 @@ async def change_message(
 async def room_counters(session: AsyncSession, room_id: int) -> tuple[int, int]:
     """The room's last message sequence and last edit sequence."""
     row = (
-        await session.execute(select(Room.last_seq, Room.last_edit).where(Room.id == room_id))
+        await session.execute(
+            select(Room.last_seq, Room.last_edit).where(Room.id == room_id)
+        )
     ).one()
     return int(row[0]), int(row[1])
 
@@ -201,7 +207,11 @@ async def messages_between(
     rows = await session.execute(
         select(ChatMessage, User.name)
         .outerjoin(User, User.id == ChatMessage.author_id)
-        .where(ChatMessage.room_id == room_id, ChatMessage.seq > after, ChatMessage.seq <= upto)
+        .where(
+            ChatMessage.room_id == room_id,
+            ChatMessage.seq > after,
+            ChatMessage.seq <= upto,
+        )
         .order_by(ChatMessage.seq)
         .limit(limit)
     )
@@ -209,7 +219,12 @@ async def messages_between(
 
 
 async def edits_between(
-    session: AsyncSession, room_id: int, *, edits_after: int, upto_edit: int, upto_seq: int
+    session: AsyncSession,
+    room_id: int,
+    *,
+    edits_after: int,
+    upto_edit: int,
+    upto_seq: int,
 ) -> list[StoredMessage]:
     """Messages up to ``upto_seq`` changed after edit ``edits_after``, in edit order."""
     rows = await session.execute(
@@ -240,7 +255,10 @@ async def history(
 
 
 async def mark_read(
-    sessions: async_sessionmaker[AsyncSession], partnership_id: int, user_id: int, seq: int
+    sessions: async_sessionmaker[AsyncSession],
+    partnership_id: int,
+    user_id: int,
+    seq: int,
 ) -> None:
     """Move the member's read marker forward (never back)."""
     async with sessions.begin() as session:

@@ -71,7 +71,9 @@ def create_engine(url: str, *, sqlite_synchronous: str = "FULL") -> AsyncEngine:
 
 
 @contextlib.asynccontextmanager
-async def open_database(url: str, *, sqlite_synchronous: str = "FULL") -> AsyncIterator[Database]:
+async def open_database(
+    url: str, *, sqlite_synchronous: str = "FULL"
+) -> AsyncIterator[Database]:
     """Open the database for the lifetime of the block; disposes the pool on exit."""
     engine = create_engine(url, sqlite_synchronous=sqlite_synchronous)
     try:
@@ -92,6 +94,10 @@ def run_migrations(url: str, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["database_url"] = url
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (
+        None,
+        "",
+        ":memory:",
+    ):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(cfg, revision)

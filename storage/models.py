@@ -100,7 +100,11 @@ class Stage(enum.StrEnum):
 def _enum(e: type[enum.Enum], name: str) -> Enum:
     # Stored as plain strings (no native ENUM type): adding a value needs no DDL.
     return Enum(
-        e, name=name, native_enum=False, length=32, values_callable=lambda x: [m.value for m in x]
+        e,
+        name=name,
+        native_enum=False,
+        length=32,
+        values_callable=lambda x: [m.value for m in x],
     )
 
 
@@ -133,7 +137,9 @@ class Session(Base):
     __tablename__ = "sessions"
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
@@ -144,7 +150,9 @@ class Partnership(Base):
     title: Mapped[str] = mapped_column(String(300))
     goals: Mapped[str] = mapped_column(Text, default="")
     stage: Mapped[Stage] = mapped_column(_enum(Stage, "stage"), default=Stage.PLANNING)
-    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -168,7 +176,9 @@ class StageChange(Base):
     )
     from_stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "stage"))
     to_stage: Mapped[Stage] = mapped_column(_enum(Stage, "stage"))
-    changed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    changed_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     note: Mapped[str] = mapped_column(Text, default="")
 
@@ -187,7 +197,9 @@ class Agreement(Base):
     # [{name, title, institution_id, signed_on}]
     signatories: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     funding_terms: Mapped[str] = mapped_column(Text, default="")
-    updated_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    updated_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -218,11 +230,15 @@ class Invitation(Base):
         ForeignKey("institutions.id", ondelete="SET NULL")
     )
     code_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     accepted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
-    accepted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    accepted_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -250,7 +266,9 @@ class ChatMessage(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(BigInteger)
-    author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    author_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     client_id: Mapped[str] = mapped_column(String(64))
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -267,8 +285,12 @@ class ActivityEvent(Base):
     __tablename__ = "activity_events"
     __table_args__ = (Index("ix_activity_events_room_at", "room_id", "at"),)
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    room_id: Mapped[int | None] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    room_id: Mapped[int | None] = mapped_column(
+        ForeignKey("rooms.id", ondelete="CASCADE")
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     kind: Mapped[str] = mapped_column(String(32))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

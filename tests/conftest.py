@@ -40,7 +40,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A fresh, empty database for this test session on the chosen backend."""
     if backend == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "coilroom.db"
@@ -55,13 +57,17 @@ def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def fresh_database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     if backend == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'coilroom.db'}"
+        return (
+            f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'coilroom.db'}"
+        )
     name = f"coilroom_test_{uuid.uuid4().hex[:10]}"
     return create_postgres_database(POSTGRES_ADMIN_URL, name)
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One running server per backend, shared by the tests that do not stop it."""
     proc = ServerProcess(
         database_url=database_url,

@@ -9,7 +9,9 @@ import os
 import socket
 
 
-async def open_stalled_socket(host: str, port: int, path: str, *, rcvbuf: int = 4096) -> socket.socket:
+async def open_stalled_socket(
+    host: str, port: int, path: str, *, rcvbuf: int = 4096
+) -> socket.socket:
     """Open a room socket with a tiny receive buffer and return it unread after the 101."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # Set before connect so the advertised window is small: the server's writes
@@ -26,7 +28,9 @@ async def open_stalled_socket(host: str, port: int, path: str, *, rcvbuf: int = 
     await loop.sock_sendall(sock, request.encode())
     response = b""
     while b"\r\n\r\n" not in response:
-        chunk = await loop.sock_recv(sock, 1)  # byte by byte: read nothing past the headers
+        chunk = await loop.sock_recv(
+            sock, 1
+        )  # byte by byte: read nothing past the headers
         if not chunk:
             raise ConnectionError("closed during handshake")
         response += chunk

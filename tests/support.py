@@ -63,7 +63,11 @@ class ServerProcess:
     """``python server.py serve`` in a child process, on a free port."""
 
     def __init__(
-        self, *, database_url: str, data_dir: Path, settings: dict[str, str] | None = None
+        self,
+        *,
+        database_url: str,
+        data_dir: Path,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.database_url = database_url
         self.data_dir = Path(data_dir)
@@ -99,7 +103,15 @@ class ServerProcess:
     def create_admin(self, email: str, password: str) -> None:
         env = self.env() | {"COILROOM_ADMIN_PASSWORD": password}
         subprocess.run(
-            [sys.executable, "server.py", "create-admin", "--email", email, "--name", "Test Admin"],
+            [
+                sys.executable,
+                "server.py",
+                "create-admin",
+                "--email",
+                email,
+                "--name",
+                "Test Admin",
+            ],
             cwd=ROOT,
             env=env,
             check=True,
@@ -109,7 +121,14 @@ class ServerProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "server.py", "serve", "--no-demo", "--port", str(self.port)],
+            [
+                sys.executable,
+                "server.py",
+                "serve",
+                "--no-demo",
+                "--port",
+                str(self.port),
+            ],
             cwd=ROOT,
             env=self.env(),
             stdout=log,
@@ -148,7 +167,9 @@ class ServerProcess:
         self.proc = None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        )
 
 
 @dataclass
@@ -180,16 +201,21 @@ class World:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def create(cls, server: ServerProcess, members: int = 3) -> AsyncIterator[World]:
+    async def create(
+        cls, server: ServerProcess, members: int = 3
+    ) -> AsyncIterator[World]:
         admin = await login(server, ADMIN_EMAIL, ADMIN_PASSWORD)
         tag = uuid.uuid4().hex[:8]
         insts = []
         for name, country in ((f"Univ A {tag}", "MX"), (f"Univ B {tag}", "DK")):
-            r = await admin.post("/api/institutions", json={"name": name, "country": country})
+            r = await admin.post(
+                "/api/institutions", json={"name": name, "country": country}
+            )
             assert r.status_code == 201, r.text
             insts.append(r.json()["id"])
         r = await admin.post(
-            "/api/partnerships", json={"title": f"Partnership {tag}", "institution_ids": insts}
+            "/api/partnerships",
+            json={"title": f"Partnership {tag}", "institution_ids": insts},
         )
         assert r.status_code == 201, r.text
         world = cls(server, admin, r.json()["id"], r.json()["room_id"], insts)
@@ -202,7 +228,9 @@ class World:
             for client in world._clients:
                 await client.aclose()
 
-    async def add_user(self, name: str, institution_id: int | None, role: str = "instructor") -> Member:
+    async def add_user(
+        self, name: str, institution_id: int | None, role: str = "instructor"
+    ) -> Member:
         email = f"{uuid.uuid4().hex[:12]}@tests.coilroom.test"
         r = await self.admin.post(
             "/api/users",
@@ -219,7 +247,9 @@ class World:
         self._clients.append(client)
         return Member(r.json()["id"], email, name, client)
 
-    async def add_member(self, name: str, institution_id: int, role: str = "instructor") -> Member:
+    async def add_member(
+        self, name: str, institution_id: int, role: str = "instructor"
+    ) -> Member:
         member = await self.add_user(name, institution_id)
         r = await self.admin.post(
             f"/api/partnerships/{self.partnership_id}/members",
@@ -251,15 +281,21 @@ class Socket:
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
         return dict(json.loads(raw))
 
-    async def recv_until(self, type_: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+    async def recv_until(
+        self, type_: str, timeout: float = TIMEOUT, **match: Any
+    ) -> dict[str, Any]:
         """Read frames until one of ``type_`` whose fields equal ``match``."""
         async with asyncio.timeout(timeout):
             while True:
                 frame = await self.recv(timeout)
-                if frame["type"] == type_ and all(frame.get(k) == v for k, v in match.items()):
+                if frame["type"] == type_ and all(
+                    frame.get(k) == v for k, v in match.items()
+                ):
                     return frame
 
-    async def collect(self, type_: str, count: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+    async def collect(
+        self, type_: str, count: int, timeout: float = TIMEOUT
+    ) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout):
             while len(got) < count:
@@ -298,7 +334,9 @@ async def room_socket(
     url = f"{server.ws_url}/ws/rooms/{room_id}"
     if query:
         url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-    async with connect(url, additional_headers=headers, open_timeout=TIMEOUT, **kwargs) as ws:
+    async with connect(
+        url, additional_headers=headers, open_timeout=TIMEOUT, **kwargs
+    ) as ws:
         sock = Socket(ws)
         if expect_welcome:
             sock.welcome = await sock.recv()
@@ -306,5 +344,7 @@ async def room_socket(
         yield sock
 
 
-async def join(server: ServerProcess, member: Member, room_id: int, **kw: Any) -> contextlib.AbstractAsyncContextManager[Socket]:
+async def join(
+    server: ServerProcess, member: Member, room_id: int, **kw: Any
+) -> contextlib.AbstractAsyncContextManager[Socket]:
     return room_socket(server, room_id, token=await member.token(room_id), **kw)

@@ -22,7 +22,9 @@ async def refused_with(server: ServerProcess, room_id: int, **kw) -> int | None:
         return await sock.close_code()
 
 
-async def test_member_with_cookie_from_own_origin_enters(server: ServerProcess, world: World) -> None:
+async def test_member_with_cookie_from_own_origin_enters(
+    server: ServerProcess, world: World
+) -> None:
     """The session cookie from the server's own origin opens the room."""
     ana = world.members[0]
     async with room_socket(
@@ -33,7 +35,9 @@ async def test_member_with_cookie_from_own_origin_enters(server: ServerProcess, 
         assert sock.welcome["user"]["id"] == ana.id
 
 
-async def test_cookie_from_foreign_origin_is_refused(server: ServerProcess, world: World) -> None:
+async def test_cookie_from_foreign_origin_is_refused(
+    server: ServerProcess, world: World
+) -> None:
     """A valid cookie sent by another site's page (or with no Origin) is refused with 4403."""
     ana = world.members[0]
     for origin in ("http://evil.example", f"http://127.0.0.1:{server.port + 1}", None):
@@ -50,24 +54,35 @@ async def test_non_member_is_refused(server: ServerProcess, world: World) -> Non
     assert await refused_with(server, world.room_id, headers=headers) == 4403
 
 
-async def test_token_for_another_room_is_refused(server: ServerProcess, world: World) -> None:
+async def test_token_for_another_room_is_refused(
+    server: ServerProcess, world: World
+) -> None:
     """A member's token for room A does not open room B."""
     ana = world.members[0]
     token = await ana.token(world.room_id)
     other = await world.admin.post(
-        "/api/partnerships", json={"title": "Other", "institution_ids": world.institutions}
+        "/api/partnerships",
+        json={"title": "Other", "institution_ids": world.institutions},
     )
     assert await refused_with(server, other.json()["room_id"], token=token) == 4403
 
 
-async def test_forged_expired_and_missing_credentials_get_4401(server: ServerProcess, world: World) -> None:
+async def test_forged_expired_and_missing_credentials_get_4401(
+    server: ServerProcess, world: World
+) -> None:
     """No credentials, garbage, a wrong signature or an expired token: 4401."""
     ana = world.members[0]
     key = (server.data_dir / "secret_key").read_text().strip()
     now = int(time.time())
     claims = {"sub": str(ana.id), "room": world.room_id, "typ": "room", "iat": now}
-    forged = jwt.encode({**claims, "exp": now + 600}, "a-different-key-of-enough-length-0123456789", algorithm="HS256")
-    expired = jwt.encode({**claims, "iat": now - 900, "exp": now - 60}, key, algorithm="HS256")
+    forged = jwt.encode(
+        {**claims, "exp": now + 600},
+        "a-different-key-of-enough-length-0123456789",
+        algorithm="HS256",
+    )
+    expired = jwt.encode(
+        {**claims, "iat": now - 900, "exp": now - 60}, key, algorithm="HS256"
+    )
     unsigned = jwt.encode({**claims, "exp": now + 600}, None, algorithm="none")
     assert await refused_with(server, world.room_id) == 4401
     for token in ("garbage", forged, expired, unsigned):
@@ -78,7 +93,9 @@ async def test_forged_expired_and_missing_credentials_get_4401(server: ServerPro
         assert sock.welcome["user"]["id"] == ana.id
 
 
-async def test_logged_out_cookie_is_refused(server: ServerProcess, world: World) -> None:
+async def test_logged_out_cookie_is_refused(
+    server: ServerProcess, world: World
+) -> None:
     """After logout the old cookie value no longer opens the room."""
     member = await world.add_member("Leaving", world.institutions[1])
     cookie = _cookie(member.http)
@@ -101,7 +118,9 @@ async def test_bad_path_is_rejected_before_accept(server: ServerProcess) -> None
             pass
 
 
-async def test_tokens_and_passwords_never_reach_the_log(server: ServerProcess, world: World) -> None:
+async def test_tokens_and_passwords_never_reach_the_log(
+    server: ServerProcess, world: World
+) -> None:
     """The server log holds no room token, session cookie or password."""
     ana = world.members[0]
     token = await ana.token(world.room_id)

@@ -44,7 +44,11 @@ def test_readme_quick_start_has_the_two_commands() -> None:
 def test_settings_come_from_the_environment() -> None:
     """COILROOM_ variables are read and converted; unknown ones are refused."""
     s = server.Settings.from_environ(
-        {"COILROOM_PORT": "9000", "COILROOM_COOKIE_SECURE": "true", "COILROOM_OPEN_TIMEOUT": "2.5"}
+        {
+            "COILROOM_PORT": "9000",
+            "COILROOM_COOKIE_SECURE": "true",
+            "COILROOM_OPEN_TIMEOUT": "2.5",
+        }
     )
     assert (s.port, s.cookie_secure, s.open_timeout) == (9000, True, 2.5)
     import pytest

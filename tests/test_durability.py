@@ -15,7 +15,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def own_server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def own_server(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A server these tests may stop and kill; SQLite keeps its production default (FULL)."""
     with dedicated_server(
         backend,
@@ -37,7 +39,9 @@ async def history(world: World) -> list[dict]:  # type: ignore[type-arg]
     messages: list[dict] = []  # type: ignore[type-arg]
     before = ""
     while True:
-        r = await member.http.get(f"/api/rooms/{world.room_id}/messages?limit=200{before}")
+        r = await member.http.get(
+            f"/api/rooms/{world.room_id}/messages?limit=200{before}"
+        )
         assert r.status_code == 200, r.text
         page = r.json()
         messages = page["messages"] + messages
@@ -53,14 +57,18 @@ async def test_restart_keeps_history_and_sequences(own_server: ServerProcess) ->
         ana, lars = world.members
         async with await join(own_server, ana, world.room_id) as a:
             for i in range(20):
-                await a.send({"type": "chat.send", "id": f"r{i}", "text": f"before restart {i}"})
+                await a.send(
+                    {"type": "chat.send", "id": f"r{i}", "text": f"before restart {i}"}
+                )
             acks = await a.collect("chat.ack", 20)
             assert [x["seq"] for x in acks] == list(range(1, 21))
             own_server.stop()
             assert await a.close_code() == 1012
         own_server.start()
         # Same data folder, so the same signing key: the sessions and tokens still work.
-        async with await join(own_server, lars, world.room_id, params={"after": 15}) as b:
+        async with await join(
+            own_server, lars, world.room_id, params={"after": 15}
+        ) as b:
             replay = await b.collect("chat.message", 5)
             assert [m["seq"] for m in replay] == [16, 17, 18, 19, 20]
             await b.send({"type": "chat.send", "id": "after", "text": "after restart"})
@@ -74,14 +82,21 @@ async def test_kill_9_loses_nothing_acknowledged(own_server: ServerProcess) -> N
     async with World.create(own_server, members=2) as world:
         ana, lars = world.members
         acked: dict[str, int] = {}
-        async with await join(own_server, ana, world.room_id) as a, await join(
-            own_server, lars, world.room_id
-        ) as b:
+        async with (
+            await join(own_server, ana, world.room_id) as a,
+            await join(own_server, lars, world.room_id) as b,
+        ):
 
             async def send_all(sock, prefix: str) -> None:  # type: ignore[no-untyped-def]
                 with contextlib.suppress(Exception):
                     for i in range(3000):
-                        await sock.send({"type": "chat.send", "id": f"{prefix}{i}", "text": f"{prefix} {i}"})
+                        await sock.send(
+                            {
+                                "type": "chat.send",
+                                "id": f"{prefix}{i}",
+                                "text": f"{prefix} {i}",
+                            }
+                        )
 
             async def read_acks(sock) -> None:  # type: ignore[no-untyped-def]
                 with contextlib.suppress(Exception):

@@ -6,12 +6,14 @@ import asyncio
 
 import pytest
 
-from tests.support import ServerProcess, World, join, room_socket
+from tests.support import ServerProcess, World, join
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_presence_join_and_leave_are_seen_by_others(server: ServerProcess, world: World) -> None:
+async def test_presence_join_and_leave_are_seen_by_others(
+    server: ServerProcess, world: World
+) -> None:
     """A member sees another arrive (with institution and country) and leave."""
     ana, lars = world.members[:2]
     async with await join(server, ana, world.room_id) as a:
@@ -19,15 +21,23 @@ async def test_presence_join_and_leave_are_seen_by_others(server: ServerProcess,
         async with await join(server, lars, world.room_id) as b:
             names = {p["user"]["id"] for p in b.welcome["presence"]}
             assert names == {ana.id, lars.id}
-            joined = await a.recv_until("presence.join", user={"id": lars.id, "name": lars.name,
-                                                                "institution": b.welcome["user"]["institution"]["name"],
-                                                                "country": "DK"})
+            joined = await a.recv_until(
+                "presence.join",
+                user={
+                    "id": lars.id,
+                    "name": lars.name,
+                    "institution": b.welcome["user"]["institution"]["name"],
+                    "country": "DK",
+                },
+            )
             assert joined["status"] == "active"
         left = await a.recv_until("presence.leave")
         assert left["user_id"] == lars.id
 
 
-async def test_presence_is_per_user_across_tabs(server: ServerProcess, world: World) -> None:
+async def test_presence_is_per_user_across_tabs(
+    server: ServerProcess, world: World
+) -> None:
     """Two tabs of one user are one presence: leaving one tab is not a leave."""
     ana, lars = world.members[:2]
     async with await join(server, ana, world.room_id) as a:
@@ -50,10 +60,15 @@ async def test_presence_is_per_user_across_tabs(server: ServerProcess, world: Wo
         assert (await a.recv_until("presence.leave"))["user_id"] == lars.id
 
 
-async def test_typing_and_away_states_are_broadcast(server: ServerProcess, world: World) -> None:
+async def test_typing_and_away_states_are_broadcast(
+    server: ServerProcess, world: World
+) -> None:
     """Typing and away reach the others as presence updates."""
     ana, lars = world.members[:2]
-    async with await join(server, ana, world.room_id) as a, await join(server, lars, world.room_id) as b:
+    async with (
+        await join(server, ana, world.room_id) as a,
+        await join(server, lars, world.room_id) as b,
+    ):
         await b.send({"type": "typing", "typing": True})
         update = await a.recv_until("presence.update", user_id=lars.id)
         assert update["typing"] is True
@@ -68,7 +83,10 @@ async def test_typing_and_away_states_are_broadcast(server: ServerProcess, world
 async def test_chat_in_order_for_everyone(server: ServerProcess, world: World) -> None:
     """Messages from two senders reach both members, acknowledged, in one order."""
     ana, lars = world.members[:2]
-    async with await join(server, ana, world.room_id) as a, await join(server, lars, world.room_id) as b:
+    async with (
+        await join(server, ana, world.room_id) as a,
+        await join(server, lars, world.room_id) as b,
+    ):
         for i in range(10):
             await a.send({"type": "chat.send", "id": f"a{i}", "text": f"from ana {i}"})
             await b.send({"type": "chat.send", "id": f"b{i}", "text": f"from lars {i}"})
@@ -79,7 +97,9 @@ async def test_chat_in_order_for_everyone(server: ServerProcess, world: World) -
             (m["seq"], m["id"], m["text"]) for m in got_b
         ]
         # Each sender's own messages keep their order.
-        assert [m["id"] for m in got_a if m["author"]["id"] == ana.id] == [f"a{i}" for i in range(10)]
+        assert [m["id"] for m in got_a if m["author"]["id"] == ana.id] == [
+            f"a{i}" for i in range(10)
+        ]
 
 
 async def test_chat_ack_carries_sequence_and_duplicates_store_once(
@@ -98,7 +118,9 @@ async def test_chat_ack_carries_sequence_and_duplicates_store_once(
     assert [m["id"] for m in r.json()["messages"]] == ["same"]
 
 
-async def test_resume_delivers_exactly_the_missed_messages(server: ServerProcess, world: World) -> None:
+async def test_resume_delivers_exactly_the_missed_messages(
+    server: ServerProcess, world: World
+) -> None:
     """Disconnect, 50 messages are sent, reconnect with the last seq: exactly those 50, in order."""
     ana, lars = world.members[:2]
     async with await join(server, ana, world.room_id) as a:
@@ -108,7 +130,9 @@ async def test_resume_delivers_exactly_the_missed_messages(server: ServerProcess
         for i in range(50):
             await b.send({"type": "chat.send", "id": f"m{i}", "text": f"missed {i}"})
         await b.collect("chat.ack", 50)
-        async with await join(server, ana, world.room_id, params={"after": last_seen}) as a:
+        async with await join(
+            server, ana, world.room_id, params={"after": last_seen}
+        ) as a:
             replay = []
             while True:
                 frame = await a.recv()
@@ -117,7 +141,9 @@ async def test_resume_delivers_exactly_the_missed_messages(server: ServerProcess
                 if frame["type"] == "chat.message":
                     replay.append(frame)
             assert [m["id"] for m in replay] == [f"m{i}" for i in range(50)]
-            assert [m["seq"] for m in replay] == list(range(last_seen + 1, last_seen + 51))
+            assert [m["seq"] for m in replay] == list(
+                range(last_seen + 1, last_seen + 51)
+            )
             # Live traffic continues after the replay with nothing repeated.
             await b.send({"type": "chat.send", "id": "live", "text": "after resume"})
             live = await a.recv_until("chat.message")
@@ -150,16 +176,23 @@ async def test_resume_during_live_traffic_has_no_gap_or_duplicate(
             assert seqs == list(range(1, 201))
 
 
-async def test_edit_and_delete_own_messages_only(server: ServerProcess, world: World) -> None:
+async def test_edit_and_delete_own_messages_only(
+    server: ServerProcess, world: World
+) -> None:
     """Authors edit and delete their messages; others are refused; resume replays the change."""
     ana, lars = world.members[:2]
-    async with await join(server, ana, world.room_id) as a, await join(server, lars, world.room_id) as b:
+    async with (
+        await join(server, ana, world.room_id) as a,
+        await join(server, lars, world.room_id) as b,
+    ):
         await a.send({"type": "chat.send", "id": "e1", "text": "first draft"})
         seq = (await a.recv_until("chat.ack"))["seq"]
         await b.send({"type": "chat.edit", "id": "x1", "seq": seq, "text": "hijack"})
         refused = await b.recv_until("error", id="x1")
         assert refused["code"] == "forbidden"
-        await a.send({"type": "chat.edit", "id": "x2", "seq": seq, "text": "final text"})
+        await a.send(
+            {"type": "chat.edit", "id": "x2", "seq": seq, "text": "final text"}
+        )
         edited = await b.recv_until("chat.edited", seq=seq)
         assert edited["text"] == "final text"
         edit_seq = edited["edit_seq"]
@@ -190,7 +223,9 @@ async def test_history_pages_back(server: ServerProcess, world: World) -> None:
     seqs = [m["seq"] for m in page["messages"]]
     while page["has_more"]:
         page = (
-            await ana.http.get(f"/api/rooms/{world.room_id}/messages?limit=10&before={seqs[0]}")
+            await ana.http.get(
+                f"/api/rooms/{world.room_id}/messages?limit=10&before={seqs[0]}"
+            )
         ).json()
         seqs = [m["seq"] for m in page["messages"]] + seqs
     assert seqs == list(range(1, 26))

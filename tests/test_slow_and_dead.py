@@ -18,7 +18,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def small_queues(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def small_queues(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """Small send queues and slow heartbeats: only the queue bound can drop a member."""
     with dedicated_server(
         backend,
@@ -43,7 +45,9 @@ async def wait_for_join(sock: Socket, user_id: int) -> None:
 
 
 @pytest.mark.slow
-async def test_stalled_reader_is_dropped_and_others_stay_fast(small_queues: ServerProcess) -> None:
+async def test_stalled_reader_is_dropped_and_others_stay_fast(
+    small_queues: ServerProcess,
+) -> None:
     """A member whose socket stays open but unread is disconnected once its queue is
     full, while the others keep receiving with p99 under 200 ms."""
     server = small_queues
@@ -51,9 +55,10 @@ async def test_stalled_reader_is_dropped_and_others_stay_fast(small_queues: Serv
         sender, watcher, staller = world.members
         token = await staller.token(world.room_id)
         path = f"/ws/rooms/{world.room_id}?token={token}"
-        async with await join(server, watcher, world.room_id) as w, await join(
-            server, sender, world.room_id
-        ) as s:
+        async with (
+            await join(server, watcher, world.room_id) as w,
+            await join(server, sender, world.room_id) as s,
+        ):
             raw = await open_stalled_socket("127.0.0.1", server.port, path)
             try:
                 await wait_for_join(w, staller.id)
@@ -65,7 +70,10 @@ async def test_stalled_reader_is_dropped_and_others_stay_fast(small_queues: Serv
                     if frame["type"] == "chat.message":
                         sent = float(frame["text"].split()[0])
                         latencies.append(time.perf_counter() - sent)
-                    elif frame["type"] == "presence.leave" and frame["user_id"] == staller.id:
+                    elif (
+                        frame["type"] == "presence.leave"
+                        and frame["user_id"] == staller.id
+                    ):
                         staller_left = True
 
                 # 2,000 messages of 3.5 KB in bursts of 25 (7 MB: more than the kernel
@@ -75,7 +83,11 @@ async def test_stalled_reader_is_dropped_and_others_stay_fast(small_queues: Serv
                     for i in range(25):
                         stamp = f"{time.perf_counter():.6f} "
                         await s.send(
-                            {"type": "chat.send", "id": f"b{batch}-{i}", "text": stamp + "x" * 3500}
+                            {
+                                "type": "chat.send",
+                                "id": f"b{batch}-{i}",
+                                "text": stamp + "x" * 3500,
+                            }
                         )
                     while True:
                         try:
@@ -94,13 +106,18 @@ async def test_stalled_reader_is_dropped_and_others_stay_fast(small_queues: Serv
                 raw.close()
 
 
-async def test_dead_peer_is_found_by_heartbeat(server: ServerProcess, world: World) -> None:
+async def test_dead_peer_is_found_by_heartbeat(
+    server: ServerProcess, world: World
+) -> None:
     """A peer that never answers pings is dropped and announced as gone within seconds."""
     watcher, ghost = world.members[:2]
     token = await ghost.token(world.room_id)
     async with await join(server, watcher, world.room_id) as w:
         raw = await open_stalled_socket(
-            "127.0.0.1", server.port, f"/ws/rooms/{world.room_id}?token={token}", rcvbuf=65536
+            "127.0.0.1",
+            server.port,
+            f"/ws/rooms/{world.room_id}?token={token}",
+            rcvbuf=65536,
         )
         try:
             await wait_for_join(w, ghost.id)

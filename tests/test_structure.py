@@ -22,7 +22,9 @@ LAYERS = ["storage", "rooms", "signaling", "server"]
 
 def imports_of(package: str) -> set[str]:
     found: set[str] = set()
-    paths = [ROOT / "server.py"] if package == "server" else (ROOT / package).rglob("*.py")
+    paths = (
+        [ROOT / "server.py"] if package == "server" else (ROOT / package).rglob("*.py")
+    )
     for path in paths:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -59,7 +61,8 @@ def test_migrations_match_models(database_url: str) -> None:
             async with engine.connect() as conn:
                 return await conn.run_sync(
                     lambda sync: compare_metadata(
-                        MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata
+                        MigrationContext.configure(sync, opts={"compare_type": True}),
+                        Base.metadata,
                     )
                 )
         finally:

@@ -21,14 +21,19 @@ async def test_subscribers_get_envelopes_in_publish_order(broker: Broker) -> Non
     """Each subscriber of a topic receives every envelope, in order."""
     got_a: list[Envelope] = []
     got_b: list[Envelope] = []
-    async with broker.subscribe("room:1", got_a.append), broker.subscribe("room:1", got_b.append):
+    async with (
+        broker.subscribe("room:1", got_a.append),
+        broker.subscribe("room:1", got_b.append),
+    ):
         for i in range(5):
             await broker.publish("room:1", Envelope(text=f"m{i}", seq=i))
     assert [e.text for e in got_a] == [f"m{i}" for i in range(5)]
     assert got_a == got_b
 
 
-async def test_topics_are_separate_and_unsubscribe_stops_delivery(broker: Broker) -> None:
+async def test_topics_are_separate_and_unsubscribe_stops_delivery(
+    broker: Broker,
+) -> None:
     """Nothing crosses topics; after the block ends nothing more arrives."""
     got: list[Envelope] = []
     async with broker.subscribe("room:1", got.append):
