@@ -79,6 +79,7 @@ def server(
             "MESSAGE_BURST": "1000",
             "HEARTBEAT_INTERVAL": "1",
             "HEARTBEAT_TIMEOUT": "1",
+            "TYPING_TIMEOUT": "1",
         },
     )
     proc.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
