@@ -44,6 +44,7 @@ export function showRoom(main, roomId, ctx) {
     readSeq: 0, // the read marker as sent to the server
     seenSeq: 0, // the newest message the reader has had on screen
     readKnown: false,
+    historyReady: false,
     markerSeq: null, // "New messages" goes before the first message after this seq
     readTimer: null,
     presence: new Map(), // user id -> {user, status, typing, connections}
@@ -323,7 +324,7 @@ export function showRoom(main, roomId, ctx) {
     const seenBefore = st.seenSeq;
     maybeMarkRead();
     if (st.seenSeq < st.lastSeq && fromOthers) {
-      if (!hadUnseen && st.readKnown) {
+      if (!hadUnseen && st.historyReady) {
         st.markerSeq = seenBefore; // unread starts here
         renderMarker();
       }
@@ -568,7 +569,7 @@ export function showRoom(main, roomId, ctx) {
 
   /** The reader sees the newest message: remember it, and tell the server (at most 1/s). */
   function maybeMarkRead() {
-    if (!st.readKnown || document.hidden || !nearBottom()) return;
+    if (!st.historyReady || document.hidden || !nearBottom()) return;
     if (st.lastSeq > st.seenSeq) {
       st.seenSeq = st.lastSeq;
       updateTitle();
@@ -604,25 +605,42 @@ export function showRoom(main, roomId, ctx) {
     },
   );
 
-  function renderHistoryTop() {
-    if (st.loadingOlder) {
-      fill(historyTop, h("p", { class: "muted small", text: "Loading older messages…" }));
+  // One persistent button, so keyboard focus is not lost while pages load.
+  const olderButton = h("button", { type: "button", class: "button secondary small", onclick: () => loadOlder() });
+  const historyNote = h("p", { class: "muted small" });
+  historyTop.append(historyNote, olderButton);
+
+  function renderHistoryTop(problem = "") {
+    const hadFocus = document.activeElement === olderButton;
+    historyNote.className = problem ? "form-error" : "muted small";
+    if (problem) {
+      historyNote.textContent = problem;
+      olderButton.textContent = "Try again";
+    } else if (st.loadingOlder) {
+      historyNote.textContent = "";
+      olderButton.textContent = "Loading older messages…";
     } else if (st.hasMore === false) {
-      fill(historyTop, h("p", { class: "muted small", text: "This is the start of the conversation." }));
-    } else if (st.hasMore === true) {
-      fill(historyTop, h("button", { type: "button", class: "button secondary small", text: "Load older messages", onclick: () => loadOlder() }));
+      historyNote.textContent = "This is the start of the conversation.";
     } else {
-      fill(historyTop);
+      historyNote.textContent = "";
+      olderButton.textContent = "Load older messages";
     }
+    historyNote.hidden = !historyNote.textContent;
+    olderButton.setAttribute("aria-disabled", String(st.loadingOlder));
+    olderButton.hidden = !problem && (st.hasMore === false || st.hasMore === null && !st.loadingOlder);
+    if (hadFocus && olderButton.hidden) log.focus({ preventScroll: true });
   }
 
   async function fetchPage(before) {
     try {
       return await roomHistory(roomId, before, PAGE_SIZE);
     } catch (error) {
-      if (error instanceof ApiError && error.status === 401) sessionEnded();
-      else fill(historyTop, h("p", { class: "form-error", text: `Could not load older messages: ${error.message}` }),
-        h("button", { type: "button", class: "button secondary small", text: "Try again", onclick: () => loadOlder() }));
+      if (error instanceof ApiError && error.status === 401) {
+        sessionEnded();
+      } else {
+        st.loadingOlder = false;
+        renderHistoryTop(`Could not load older messages: ${error.message}`);
+      }
       return null;
     }
   }
@@ -632,8 +650,10 @@ export function showRoom(main, roomId, ctx) {
     renderHistoryTop();
     await readPromise;
     const page = st.lastSeq > 0 ? await fetchPage(st.lastSeq + 1) : { messages: [], has_more: false };
+    if (!st.alive) return;
+    st.historyReady = true; // from now on, what is on screen counts as read
+    if (!page) return;
     st.loadingOlder = false;
-    if (!st.alive || !page) return;
     for (const m of page.messages) upsertMessage(m);
     st.hasMore = page.has_more;
     renderHistoryTop();
@@ -657,8 +677,8 @@ export function showRoom(main, roomId, ctx) {
     renderHistoryTop();
     const before = st.seqs.length ? st.seqs[0] : st.lastSeq + 1;
     const page = await fetchPage(before);
-    st.loadingOlder = false;
     if (!st.alive || !page) return;
+    st.loadingOlder = false;
     const fromBottom = log.scrollHeight - log.scrollTop;
     for (const m of page.messages) upsertMessage(m);
     st.hasMore = page.has_more;
