@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,48 +105,43 @@ class ChatWriter:
         self.room = room
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[ChatRequest | None] = asyncio.Queue()
+        self._queue: deque[ChatRequest] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
         self.done = asyncio.Event()
 
     def submit(self, request: ChatRequest) -> bool:
         """Queue a request; False when the queue is full (the client is told to retry)."""
-        if self._queue.qsize() >= self.max_queue:
+        if len(self._queue) >= self.max_queue or self._stopping:
             return False
-        self._queue.put_nowait(request)
+        self._queue.append(request)
         request.member.submitted()
+        self._wake.set()
         return True
 
     def stop(self) -> None:
         """Finish what is queued, then end ``run``."""
-        self._queue.put_nowait(None)
+        self._stopping = True
+        self._wake.set()
 
     async def run(self) -> None:
+        queue = self._queue
         try:
-            stopping = False
-            while not stopping:
-                first = await self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                # Group commit: take every send already waiting, up to the limit.
-                while (
-                    first.kind == "send"
-                    and len(batch) < self.max_batch
-                    and not self._queue.empty()
-                ):
-                    nxt = self._queue.get_nowait()
-                    if nxt is None:
-                        stopping = True
-                        break
-                    if nxt.kind != "send":
-                        await self._write_sends(batch)
-                        batch = [nxt]
-                        break
-                    batch.append(nxt)
-                if batch[0].kind == "send":
-                    await self._write_sends(batch)
-                else:
-                    await self._write_change(batch[0])
+            while True:
+                while not queue:
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                if queue[0].kind != "send":
+                    await self._write_change(queue.popleft())
+                    continue
+                # Group commit: every send already waiting, up to the batch limit,
+                # goes into one transaction (in arrival order).
+                batch: list[ChatRequest] = []
+                while queue and queue[0].kind == "send" and len(batch) < self.max_batch:
+                    batch.append(queue.popleft())
+                await self._write_sends(batch)
         finally:
             self.done.set()
 
