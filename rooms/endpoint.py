@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import msgspec
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from rooms.access import Access, Authenticator
 from rooms.broker import Envelope
 from rooms.errors import (
     BadMessage,
-    CloseCode,
     MessageTooBig,
     RateLimited,
     RoomError,
@@ -51,6 +49,7 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
+from rooms.socket import parse_int, serve_socket, unwrap
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.events import EventRow
 
@@ -85,71 +84,17 @@ class RoomServices:
     limits: SocketLimits
 
 
-def _parse_int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadMessage("bad query parameter") from None
-    if number < 0:
-        raise BadMessage("bad query parameter")
-    return number
-
-
-async def close_with(
-    websocket: WebSocket, code: int, reason: str, grace: float
-) -> None:
-    """Close the socket once; gives up after ``grace`` seconds (a client that stopped reading
-    cannot receive a close frame; the server drops it when the function returns)."""
-    if websocket.application_state != WebSocketState.CONNECTED:
-        return
-    with anyio.move_on_after(grace):
-        try:
-            await websocket.close(code, reason)
-        except Exception:  # noqa: BLE001 - the peer is already gone; nothing to tell it
-            return
-
-
 async def room_socket(websocket: WebSocket) -> None:
+    """``/ws/rooms/{room_id}``: presence and chat (``docs/protocol.md``)."""
     services: RoomServices = websocket.app.state.room_services
-    metrics = services.metrics
-    conn_id = uuid.uuid4().hex
-    # Accept first, so a browser sees our close code rather than a bare 1006.
-    await websocket.accept()
-    code: int = CloseCode.NORMAL
-    reason = ""
-    try:
-        with anyio.fail_after(services.limits.open_timeout):
-            room_id = _parse_int(websocket.path_params.get("room_id"))
-            assert room_id is not None
-            params = websocket.query_params
-            after = _parse_int(params.get("after"))
-            edits_after = _parse_int(params.get("edits_after"))
-            access = await services.auth.admit(
-                room_id,
-                token=params.get("token"),
-                cookies=websocket.cookies,
-                origin=websocket.headers.get("origin"),
-                host=websocket.headers.get("host"),
-                scheme=websocket.url.scheme,
-            )
-        metrics.connections_total.inc()
+    params = websocket.query_params
+
+    async def session(access: Access, conn_id: str) -> None:
+        after = parse_int(params.get("after"))
+        edits_after = parse_int(params.get("edits_after"))
         await Connection(websocket, services, access, conn_id).run(after, edits_after)
-    except TimeoutError:
-        code, reason = TryAgainLater.close_code, "open timed out"
-    except RoomError as error:
-        code, reason = error.close_code, error.reason
-        if isinstance(error, RateLimited | BadMessage | MessageTooBig):
-            log.info("conn %s closed: %s", conn_id, error.reason)
-    except WebSocketDisconnect:
-        return  # the client left; presence and membership were cleaned up on the way out
-    except Exception:
-        log.exception("conn %s: room socket failed", conn_id)
-        metrics.internal_errors.inc()
-        code, reason = CloseCode.INTERNAL_ERROR, "internal error"
-    metrics.closes.labels(str(int(code))).inc()
-    await close_with(websocket, code, reason, services.limits.close_timeout)
+
+    await serve_socket(websocket, services, session)
 
 
 class Connection:
@@ -198,7 +143,7 @@ class Connection:
                             await self._pump_inbox(room)
                             tg.cancel_scope.cancel()
                     except BaseExceptionGroup as group:
-                        raise _unwrap(group) from None
+                        raise unwrap(group) from None
                 except RoomError as error:
                     failure = error
                 finally:
@@ -371,7 +316,7 @@ class Connection:
             for seq, text in batch:
                 if seq and seq <= floor:
                     continue  # already sent from the database during resume
-                await send({"type": "websocket.send", "text": text})
+                await send({"type": "websocket.send", "text": text})  # type: ignore[typeddict-item]
 
     async def _pump_inbox(self, room: LocalRoom) -> None:
         receive = self.ws.receive
@@ -466,24 +411,6 @@ class Connection:
             self.room_id, self.conn_id, **change
         )
         await self._announce(result)
-
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that ends the connection: a ``RoomError`` first, else the first one."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for exc in leaves:
-        if isinstance(exc, RoomError):
-            return exc
-    return leaves[0] if len(leaves) == 1 else group
 
 
 def _peek_id(text: str) -> str | None:

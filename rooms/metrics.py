@@ -76,6 +76,29 @@ class Metrics:
             "Activity events dropped because the event queue was full",
             registry=r,
         )
+        self.documents = Gauge(
+            "coilroom_documents_loaded", "Live documents on this process", registry=r
+        )
+        self.doc_connections = Gauge(
+            "coilroom_document_connections",
+            "Open document socket connections",
+            registry=r,
+        )
+        self.doc_updates = Counter(
+            "coilroom_document_updates_stored",
+            "Document updates stored and broadcast",
+            registry=r,
+        )
+        self.doc_updates_rejected = Counter(
+            "coilroom_document_updates_rejected",
+            "Document updates refused as invalid",
+            registry=r,
+        )
+        self.compactions = Counter(
+            "coilroom_document_compactions",
+            "Update logs folded into snapshots",
+            registry=r,
+        )
         self.chat_commit_seconds = Histogram(
             "coilroom_chat_commit_seconds",
             "Time from receiving a chat message to its commit",

@@ -6,6 +6,10 @@ import asyncio
 from collections import deque
 
 
+# Text frames (room socket, JSON) or binary frames (document socket, y-websocket).
+Frame = str | bytes
+
+
 class OutboxFull(Exception):
     """The connection fell too far behind; it must be closed and resume later."""
 
@@ -20,7 +24,7 @@ class Outbox:
     __slots__ = ("_closed", "_items", "_max", "_waiter")
 
     def __init__(self, max_frames: int) -> None:
-        self._items: deque[tuple[int, str]] = deque()
+        self._items: deque[tuple[int, Frame]] = deque()
         self._max = max_frames
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -28,7 +32,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, text: str, seq: int = 0) -> None:
+    def put(self, text: Frame, seq: int = 0) -> None:
         """Queue a frame. Raises ``OutboxFull`` when the bound is reached."""
         if self._closed:
             return
@@ -39,7 +43,7 @@ class Outbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get_batch(self) -> list[tuple[int, str]]:
+    async def get_batch(self) -> list[tuple[int, Frame]]:
         """Wait for frames and take all that are queued."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -51,7 +55,7 @@ class Outbox:
         self._items.clear()
         return items
 
-    def drain(self) -> list[tuple[int, str]]:
+    def drain(self) -> list[tuple[int, Frame]]:
         """Take whatever is queued, without waiting."""
         items = list(self._items)
         self._items.clear()

@@ -1,0 +1,117 @@
+"""What every socket of a room shares: accept, authenticate, map errors to close codes.
+
+``serve_socket`` runs one session with the error handling in one place: each
+``RoomError`` carries its close code; anything unexpected closes with 1011 and no
+details (the log has the traceback and the connection id).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from rooms.access import Access
+from rooms.errors import (
+    BadMessage,
+    CloseCode,
+    MessageTooBig,
+    RateLimited,
+    RoomError,
+    TryAgainLater,
+)
+
+if TYPE_CHECKING:
+    from rooms.endpoint import RoomServices
+
+log = logging.getLogger(__name__)
+
+Session = Callable[[Access, str], Awaitable[None]]
+
+
+def parse_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadMessage("bad query parameter") from None
+    if number < 0:
+        raise BadMessage("bad query parameter")
+    return number
+
+
+async def close_with(
+    websocket: WebSocket, code: int, reason: str, grace: float
+) -> None:
+    """Close the socket once; gives up after ``grace`` seconds (a client that stopped reading
+    cannot receive a close frame; the server drops it when the function returns)."""
+    if websocket.application_state != WebSocketState.CONNECTED:
+        return
+    with anyio.move_on_after(grace):
+        try:
+            await websocket.close(code, reason)
+        except Exception:  # noqa: BLE001 - the peer is already gone; nothing to tell it
+            return
+
+
+async def serve_socket(
+    websocket: WebSocket, services: RoomServices, session: Session
+) -> None:
+    """Accept, admit the member of ``{room_id}``, run ``session``, close with the right code."""
+    metrics = services.metrics
+    conn_id = uuid.uuid4().hex
+    # Accept first, so a browser sees our close code rather than a bare 1006.
+    await websocket.accept()
+    code: int = CloseCode.NORMAL
+    reason = ""
+    try:
+        with anyio.fail_after(services.limits.open_timeout):
+            room_id = parse_int(websocket.path_params.get("room_id"))
+            assert room_id is not None
+            access = await services.auth.admit(
+                room_id,
+                token=websocket.query_params.get("token"),
+                cookies=websocket.cookies,
+                origin=websocket.headers.get("origin"),
+                host=websocket.headers.get("host"),
+                scheme=websocket.url.scheme,
+            )
+        metrics.connections_total.inc()
+        await session(access, conn_id)
+    except TimeoutError:
+        code, reason = TryAgainLater.close_code, "open timed out"
+    except RoomError as error:
+        code, reason = error.close_code, error.reason
+        if isinstance(error, RateLimited | BadMessage | MessageTooBig):
+            log.info("conn %s closed: %s", conn_id, error.reason)
+    except WebSocketDisconnect:
+        return  # the client left; its state was cleaned up on the way out
+    except Exception:
+        log.exception("conn %s: socket failed", conn_id)
+        metrics.internal_errors.inc()
+        code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+    metrics.closes.labels(str(int(code))).inc()
+    await close_with(websocket, code, reason, services.limits.close_timeout)
+
+
+def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that ends the connection: a ``RoomError`` first, else the first one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, RoomError):
+            return exc
+    return leaves[0] if len(leaves) == 1 else group
