@@ -34,6 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rooms import (
     Authenticator,
+    DocumentLimits,
+    DocumentRegistry,
     FailureWindow,
     Metrics,
     RoomHub,
@@ -143,6 +145,52 @@ class Settings:
     )
     login_window: float = _help(
         "Window for counting failed logins, seconds.", default=300.0
+    )
+    doc_max_frame_bytes: int = _help(
+        "Largest document socket message (a Yjs update or sync step), bytes (close 1009).",
+        default=1 << 20,
+    )
+    doc_max_bytes: int = _help(
+        "Largest stored size of one document, bytes; edits past it are refused.",
+        default=32 << 20,
+    )
+    doc_updates_per_second: float = _help(
+        "Document updates one connection may send per second on average (4429 above).",
+        default=100.0,
+    )
+    doc_update_burst: int = _help(
+        "Document updates one connection may send at once.", default=500
+    )
+    awareness_max_bytes: int = _help(
+        "Largest awareness (cursor) state, bytes (1009 above).", default=8192
+    )
+    awareness_per_second: float = _help(
+        "Awareness updates one connection may send per second on average (4429 above).",
+        default=20.0,
+    )
+    awareness_flush_interval: float = _help(
+        "Awareness changes within this many seconds go out as one message.",
+        default=0.02,
+    )
+    doc_send_queue_frames: int = _help(
+        "Frames queued for one document connection before it counts as too slow (1013).",
+        default=4096,
+    )
+    doc_write_queue_updates: int = _help(
+        "Updates waiting to be stored per document before edits are refused (1013).",
+        default=10_000,
+    )
+    doc_idle_unload: float = _help(
+        "Seconds a document stays loaded after its last connection leaves.",
+        default=30.0,
+    )
+    doc_compact_after_updates: int = _help(
+        "Logged updates after which a document's log is folded into its snapshot.",
+        default=500,
+    )
+    projection_delay: float = _help(
+        "Seconds after an edit before the activity overview rows are refreshed.",
+        default=1.0,
     )
     chat_queue_size: int = _help(
         "Chat messages waiting to be stored per room before 'busy'.", default=1000
@@ -339,6 +387,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 chat_queue_size=settings.chat_queue_size,
                 chat_batch_size=settings.chat_batch_size,
             ) as hub,
+            DocumentRegistry(
+                sessions=db.sessions,
+                broker=broker,
+                metrics=app_metrics,
+                record=hub.record,
+                limits=DocumentLimits(
+                    max_frame_bytes=settings.doc_max_frame_bytes,
+                    max_document_bytes=settings.doc_max_bytes,
+                    max_awareness_bytes=settings.awareness_max_bytes,
+                    awareness_per_second=settings.awareness_per_second,
+                    awareness_burst=max(1, int(settings.awareness_per_second * 3)),
+                    updates_per_second=settings.doc_updates_per_second,
+                    update_burst=settings.doc_update_burst,
+                    write_queue_updates=settings.doc_write_queue_updates,
+                    send_queue_frames=settings.doc_send_queue_frames,
+                    awareness_flush_interval=settings.awareness_flush_interval,
+                    idle_unload=settings.doc_idle_unload,
+                    compact_after_updates=settings.doc_compact_after_updates,
+                    projection_delay=settings.projection_delay,
+                ),
+            ) as documents,
         ):
             auth = Authenticator(
                 secret_key=settings.secret_key,
@@ -356,6 +425,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.login_limiter = FailureWindow(
                 settings.login_attempts, settings.login_window
             )
+            app.state.documents = documents
             app.state.room_services = RoomServices(
                 auth=auth,
                 hub=hub,
@@ -551,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes,
+        # Our own limits are checked per socket; this only stops uvicorn buffering more.
+        ws_max_size=max(settings.max_frame_bytes, settings.doc_max_frame_bytes),
         ws_ping_interval=settings.heartbeat_interval,
         ws_ping_timeout=settings.heartbeat_timeout,
         lifespan="on",

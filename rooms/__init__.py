@@ -6,6 +6,9 @@ from rooms.access import Authenticator
 from rooms.account_routes import routes as _account_routes
 from rooms.admin_routes import routes as _admin_routes
 from rooms.broker import Broker, Envelope, MemoryBroker, open_broker
+from rooms.doc_endpoint import doc_socket
+from rooms.document_routes import routes as _document_routes
+from rooms.documents import DocumentLimits, DocumentRegistry
 from rooms.endpoint import RoomServices, SocketLimits, room_socket
 from rooms.errors import CloseCode
 from rooms.hub import RoomHub
@@ -16,13 +19,17 @@ from rooms.presence import MemoryPresence, PresenceStore, open_presence
 routes = [
     *_account_routes,
     *_admin_routes,
+    *_document_routes,
     WebSocketRoute("/ws/rooms/{room_id:int}", room_socket),
+    WebSocketRoute("/ws/docs/{room_id:int}/{doc_name}", doc_socket),
 ]
 
 __all__ = [
     "Authenticator",
     "Broker",
     "CloseCode",
+    "DocumentLimits",
+    "DocumentRegistry",
     "Envelope",
     "FailureWindow",
     "MemoryBroker",
@@ -32,6 +39,7 @@ __all__ = [
     "RoomHub",
     "RoomServices",
     "SocketLimits",
+    "doc_socket",
     "open_broker",
     "open_presence",
     "room_socket",

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -294,3 +295,73 @@ class ActivityEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Document(Base):
+    """A CRDT document of a room (``agreement`` and free-form names)."""
+
+    __tablename__ = "documents"
+    __table_args__ = (UniqueConstraint("room_id", "name"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DocumentUpdate(Base):
+    """The append-only log of Yjs updates; compaction folds old rows into the snapshot."""
+
+    __tablename__ = "document_updates"
+    __table_args__ = (Index("ix_document_updates_doc_id", "document_id", "id"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DocumentSnapshot(Base):
+    """The document's state up to and including update ``upto_update_id``."""
+
+    __tablename__ = "document_snapshots"
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    upto_update_id: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DocumentVersion(Base):
+    """A named version ("as signed on 2026-03-01"): the full state at that moment."""
+
+    __tablename__ = "document_versions"
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ActivityRow(Base):
+    """One activity of a room's ``agreement`` document, projected for SQL readers."""
+
+    __tablename__ = "activities"
+    room_id: Mapped[int] = mapped_column(
+        ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True
+    )
+    activity_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(Text, default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    owner_id: Mapped[int | None] = mapped_column(BigInteger)
+    people: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    institutions: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    starts_on: Mapped[dt.date | None] = mapped_column(Date)
+    ends_on: Mapped[dt.date | None] = mapped_column(Date)
+    outcomes: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -80,6 +80,10 @@ def server(
             "HEARTBEAT_INTERVAL": "1",
             "HEARTBEAT_TIMEOUT": "1",
             "TYPING_TIMEOUT": "1",
+            "DOC_UPDATES_PER_SECOND": "5000",
+            "DOC_UPDATE_BURST": "5000",
+            "AWARENESS_PER_SECOND": "500",
+            "DOC_IDLE_UNLOAD": "1",
         },
     )
     proc.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)

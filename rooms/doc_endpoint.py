@@ -1,0 +1,152 @@
+"""The document socket ``/ws/docs/{room_id}/{doc_name}``: y-websocket, binary frames.
+
+A stock Yjs client connects with
+``new WebsocketProvider("ws://HOST/ws/docs", ROOM_ID + "/" + DOC_NAME, ydoc, {params: {token}})``.
+Access is the room socket's (cookie from an allowed Origin, or a room token; members
+only); observers receive everything and their edits are refused with ``[2, 0, reason]``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import anyio
+from starlette.websockets import WebSocket
+
+from rooms.access import Access
+from rooms.documents import (
+    DocConnection,
+    DocumentLimits,
+    DocumentRegistry,
+    LiveDocument,
+)
+from rooms.endpoint import RoomServices
+from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAgainLater
+from rooms.limits import TokenBucket
+from rooms.outbox import Outbox
+from rooms.socket import serve_socket, unwrap
+from rooms.ysync import (
+    Auth,
+    AwarenessUpdate,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    parse_frame,
+)
+from storage.models import MemberRole
+
+DOC_NAME = re.compile(r"[a-z0-9-]{1,64}")
+
+
+async def doc_socket(websocket: WebSocket) -> None:
+    """``/ws/docs/{room_id}/{doc_name}``: the standard y-websocket protocol."""
+    services: RoomServices = websocket.app.state.room_services
+    registry: DocumentRegistry = websocket.app.state.documents
+    name = websocket.path_params.get("doc_name", "")
+
+    async def session(access: Access, conn_id: str) -> None:
+        if not DOC_NAME.fullmatch(name):
+            raise RoomNotFound("no such document: names are [a-z0-9-]{1,64}")
+        await DocSession(websocket, services, registry, access, conn_id, name).run()
+
+    await serve_socket(websocket, services, session)
+
+
+class DocSession:
+    """One socket on one document."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        services: RoomServices,
+        registry: DocumentRegistry,
+        access: Access,
+        conn_id: str,
+        name: str,
+    ) -> None:
+        self.ws = websocket
+        self.services = services
+        self.registry = registry
+        self.limits: DocumentLimits = registry.limits
+        self.access = access
+        self.name = name
+        self._scope = anyio.CancelScope()
+        self.conn = DocConnection(
+            conn_id=conn_id,
+            user_id=access.user.id,
+            can_write=access.room.role != MemberRole.OBSERVER,
+            outbox=Outbox(self.limits.send_queue_frames),
+            on_failure=self._scope.cancel,
+            limits=self.limits,
+        )
+        self.bucket = TokenBucket(
+            self.limits.updates_per_second, self.limits.update_burst
+        )
+
+    async def run(self) -> None:
+        conn = self.conn
+        metrics = self.services.metrics
+        failure: RoomError | None = None
+        async with self.registry.connect(self.access.room.room_id, self.name, conn) as (
+            doc,
+            opening,
+        ):
+            metrics.doc_connections.inc()
+            try:
+                for frame in opening:
+                    conn.offer(frame)
+                with self._scope:
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._pump_outbox)
+                            await self._pump_inbox(doc)
+                            tg.cancel_scope.cancel()
+                    except BaseExceptionGroup as group:
+                        raise unwrap(group) from None
+            except RoomError as error:
+                failure = error
+            finally:
+                metrics.doc_connections.dec()
+        failure = conn.failure or failure
+        if failure is not None:
+            if isinstance(failure, TryAgainLater):
+                metrics.slow_consumers.inc()
+            raise failure
+
+    async def _pump_outbox(self) -> None:
+        outbox = self.conn.outbox
+        send = self.ws.send
+        while True:
+            for _seq, frame in await outbox.get_batch():
+                await send({"type": "websocket.send", "bytes": frame})
+
+    async def _pump_inbox(self, doc: LiveDocument) -> None:
+        receive = self.ws.receive
+        conn = self.conn
+        limits = self.limits
+        user_id = self.access.user.id
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                raise BadMessage("text frames are not accepted on this socket")
+            frame = parse_frame(data, max_frame_bytes=limits.max_frame_bytes)
+            match frame:
+                case SyncStep1(state_vector=state_vector):
+                    doc.sync(conn, state_vector)
+                case SyncStep2(update=update) | SyncUpdate(update=update):
+                    # Updates are never dropped (that would split the document):
+                    # a client over the rate is closed, and resyncs on reconnect.
+                    if not self.bucket.take(time.monotonic()):
+                        raise RateLimited("too many document updates")
+                    doc.submit(conn, user_id, update)
+                case AwarenessUpdate(entries=entries):
+                    doc.awareness_update(conn, entries)
+                case QueryAwareness():
+                    conn.offer(doc.awareness_snapshot())
+                case Auth():
+                    pass  # clients have nothing to say on the auth channel

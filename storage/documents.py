@@ -1,0 +1,280 @@
+"""CRDT document storage: an append-only update log per document, a snapshot that
+compaction folds the log into, named versions, and the activity projection.
+
+Only this module knows the tables; callers pass and get bytes (Yjs updates).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.models import (
+    ActivityRow,
+    Document,
+    DocumentSnapshot,
+    DocumentUpdate,
+    DocumentVersion,
+    User,
+    utcnow,
+)
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """Everything needed to rebuild a document: snapshot first, then the updates."""
+
+    document_id: int
+    snapshot: bytes | None
+    updates: list[bytes]
+    last_update_id: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.snapshot or b"") + sum(len(u) for u in self.updates)
+
+
+async def document_id(sessions: Sessions, room_id: int, name: str) -> int:
+    """The id of a room's document, created on first use."""
+    async with sessions() as session:
+        found = (
+            await session.execute(
+                select(Document.id).where(Document.room_id == room_id, Document.name == name)
+            )
+        ).scalar_one_or_none()
+        if found is not None:
+            return int(found)
+    try:
+        async with sessions.begin() as session:
+            doc = Document(room_id=room_id, name=name)
+            session.add(doc)
+            await session.flush()
+            return doc.id
+    except IntegrityError:  # created by another connection or process meanwhile
+        async with sessions() as session:
+            return int(
+                (
+                    await session.execute(
+                        select(Document.id).where(
+                            Document.room_id == room_id, Document.name == name
+                        )
+                    )
+                ).scalar_one()
+            )
+
+
+async def load_document(sessions: Sessions, doc_id: int) -> StoredDocument:
+    """Read the snapshot and every update after it, in log order."""
+    async with sessions() as session:
+        snap = await session.get(DocumentSnapshot, doc_id)
+        upto = snap.upto_update_id if snap else 0
+        rows = (
+            await session.execute(
+                select(DocumentUpdate.id, DocumentUpdate.data)
+                .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
+                .order_by(DocumentUpdate.id)
+            )
+        ).all()
+    return StoredDocument(
+        document_id=doc_id,
+        snapshot=snap.state if snap else None,
+        updates=[bytes(r.data) for r in rows],
+        last_update_id=rows[-1].id if rows else upto,
+    )
+
+
+async def append_updates(
+    sessions: Sessions, doc_id: int, items: Sequence[tuple[bytes, int | None]]
+) -> None:
+    """Append ``(update, user_id)`` pairs in one transaction (group commit)."""
+    now = utcnow()
+    async with sessions.begin() as session:
+        await session.execute(
+            insert(DocumentUpdate),
+            [
+                {"document_id": doc_id, "data": data, "user_id": user, "created_at": now}
+                for data, user in items
+            ],
+        )
+
+
+async def compact_document(
+    sessions: Sessions, doc_id: int, merge: Callable[[Sequence[bytes]], bytes]
+) -> int:
+    """Fold every logged update into the snapshot; returns how many rows were folded.
+
+    ``merge`` combines updates into one (Yjs updates commute, so the order only
+    matters for readability). Rows appended meanwhile stay in the log.
+    """
+    async with sessions.begin() as session:
+        snap = await session.get(DocumentSnapshot, doc_id, with_for_update=True)
+        upto = snap.upto_update_id if snap else 0
+        rows = (
+            await session.execute(
+                select(DocumentUpdate.id, DocumentUpdate.data)
+                .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
+                .order_by(DocumentUpdate.id)
+            )
+        ).all()
+        if not rows:
+            return 0
+        parts = ([snap.state] if snap else []) + [bytes(r.data) for r in rows]
+        state = merge(parts)
+        last = rows[-1].id
+        if snap is None:
+            session.add(DocumentSnapshot(document_id=doc_id, state=state, upto_update_id=last))
+        else:
+            snap.state = state
+            snap.upto_update_id = last
+            snap.updated_at = utcnow()
+        await session.execute(
+            delete(DocumentUpdate).where(
+                DocumentUpdate.document_id == doc_id, DocumentUpdate.id <= last
+            )
+        )
+        return len(rows)
+
+
+async def log_length(sessions: Sessions, doc_id: int) -> int:
+    """Updates in the log not yet folded into the snapshot."""
+    async with sessions() as session:
+        snap = await session.get(DocumentSnapshot, doc_id)
+        upto = snap.upto_update_id if snap else 0
+        return int(
+            (
+                await session.execute(
+                    select(func.count()).where(
+                        DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto
+                    )
+                )
+            ).scalar_one()
+        )
+
+
+# -- named versions ---------------------------------------------------------------
+
+
+def _version_json(v: DocumentVersion, author: str | None) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "name": v.name,
+        "created_by": {"id": v.created_by, "name": author},
+        "created_at": v.created_at.isoformat().replace("+00:00", "Z"),
+        "bytes": len(v.state),
+    }
+
+
+async def create_version(
+    sessions: Sessions, doc_id: int, name: str, state: bytes, user_id: int
+) -> dict[str, Any]:
+    async with sessions.begin() as session:
+        version = DocumentVersion(document_id=doc_id, name=name, state=state, created_by=user_id)
+        session.add(version)
+        await session.flush()
+        author = await session.get(User, user_id)
+        return _version_json(version, author.name if author else None)
+
+
+async def list_versions(sessions: Sessions, doc_id: int) -> list[dict[str, Any]]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(DocumentVersion, User.name)
+            .outerjoin(User, User.id == DocumentVersion.created_by)
+            .where(DocumentVersion.document_id == doc_id)
+            .order_by(DocumentVersion.id)
+        )
+        return [_version_json(v, name) for v, name in rows.tuples()]
+
+
+async def version_state(sessions: Sessions, doc_id: int, version_id: int) -> bytes | None:
+    async with sessions() as session:
+        v = await session.get(DocumentVersion, version_id)
+        if v is None or v.document_id != doc_id:
+            return None
+        return bytes(v.state)
+
+
+# -- activity projection ----------------------------------------------------------
+
+
+def _date(value: Any) -> dt.date | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+async def replace_activities(
+    sessions: Sessions, room_id: int, activities: Sequence[dict[str, Any]]
+) -> None:
+    """Make the room's activity rows equal to the document's list (one transaction)."""
+    now = utcnow()
+    rows = []
+    seen: set[str] = set()
+    for position, a in enumerate(activities):
+        activity_id = str(a.get("id") or "")[:64]
+        if not activity_id or activity_id in seen:
+            continue  # an entry without a usable id cannot be addressed; skip it
+        seen.add(activity_id)
+        owner = a.get("owner")
+        rows.append(
+            {
+                "room_id": room_id,
+                "activity_id": activity_id,
+                "position": position,
+                "title": str(a.get("title") or ""),
+                "description": str(a.get("description") or ""),
+                "status": str(a.get("status") or "planned")[:16],
+                "owner_id": int(owner) if isinstance(owner, int | float) else None,
+                "people": [p for p in a.get("people") or [] if isinstance(p, int | float | str)],
+                "institutions": [
+                    i for i in a.get("institutions") or [] if isinstance(i, int | float | str)
+                ],
+                "starts_on": _date(a.get("starts_on")),
+                "ends_on": _date(a.get("ends_on")),
+                "outcomes": str(a.get("outcomes") or ""),
+                "updated_at": now,
+            }
+        )
+    async with sessions.begin() as session:
+        await session.execute(delete(ActivityRow).where(ActivityRow.room_id == room_id))
+        if rows:
+            await session.execute(insert(ActivityRow), rows)
+
+
+async def list_activities(sessions: Sessions, room_id: int) -> list[dict[str, Any]]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(ActivityRow).where(ActivityRow.room_id == room_id).order_by(ActivityRow.position)
+        )
+        today = dt.date.today()
+        return [
+            {
+                "id": r.activity_id,
+                "position": r.position,
+                "title": r.title,
+                "description": r.description,
+                "status": r.status,
+                "owner": r.owner_id,
+                "people": r.people,
+                "institutions": r.institutions,
+                "starts_on": r.starts_on.isoformat() if r.starts_on else None,
+                "ends_on": r.ends_on.isoformat() if r.ends_on else None,
+                "outcomes": r.outcomes,
+                "overdue": bool(
+                    r.ends_on and r.ends_on < today and r.status in ("planned", "in_progress")
+                ),
+                "updated_at": r.updated_at.isoformat().replace("+00:00", "Z"),
+            }
+            for r in rows.scalars()
+        ]
