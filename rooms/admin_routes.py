@@ -14,7 +14,14 @@ from starlette.routing import Route
 
 from rooms.access import hash_password
 from rooms.broker import Envelope
-from rooms.http import ApiError, current_user, json_response, path_int, read_body, require_admin
+from rooms.http import (
+    ApiError,
+    current_user,
+    json_response,
+    path_int,
+    read_body,
+    require_admin,
+)
 from storage import admin
 from storage.accounts import UserInfo
 from storage.events import EventRow
@@ -58,7 +65,7 @@ class NewUser(_Body):
 class UserChanges(_Body):
     name: Name | msgspec.UnsetType = msgspec.UNSET
     role: UserRole | msgspec.UnsetType = msgspec.UNSET
-    institution_id: Id | None | msgspec.UnsetType = msgspec.UNSET
+    institution_id: Id | msgspec.UnsetType | None = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     password: Password | msgspec.UnsetType = msgspec.UNSET
 
@@ -90,8 +97,8 @@ class Signatory(_Body):
 class AgreementValues(_Body):
     kind: Literal["MOU", "MOA"] | msgspec.UnsetType = msgspec.UNSET
     status: Literal["draft", "under_review", "signed", "expired", "terminated"] | msgspec.UnsetType = msgspec.UNSET
-    valid_from: dt.date | None | msgspec.UnsetType = msgspec.UNSET
-    valid_to: dt.date | None | msgspec.UnsetType = msgspec.UNSET
+    valid_from: dt.date | msgspec.UnsetType | None = msgspec.UNSET
+    valid_to: dt.date | msgspec.UnsetType | None = msgspec.UNSET
     signatories: Annotated[list[Signatory], msgspec.Meta(max_length=50)] | msgspec.UnsetType = msgspec.UNSET
     funding_terms: Text | msgspec.UnsetType = msgspec.UNSET
 

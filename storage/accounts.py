@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import (
     Institution,
-    Membership,
     MemberRole,
+    Membership,
     Partnership,
     Room,
     Session,
@@ -128,7 +128,7 @@ async def end_session(sessions: async_sessionmaker[AsyncSession], token: str) ->
 
 async def room_access(
     sessions: async_sessionmaker[AsyncSession], room_id: int, user_id: int
-) -> RoomAccess | None | bool:
+) -> RoomAccess | bool | None:
     """The user's access to a room: ``None`` if no such room, ``False`` if not a member."""
     async with sessions() as session:
         room = (

@@ -20,11 +20,12 @@ from storage.models import (
     Agreement,
     Institution,
     Invitation,
-    Membership,
     MemberRole,
+    Membership,
     Partnership,
     PartnershipInstitution,
     Room,
+    Session,
     Stage,
     StageChange,
     User,
@@ -135,17 +136,34 @@ async def list_users(sessions: Sessions) -> list[dict[str, Any]]:
         return [user_json(u) for u in rows.scalars()]
 
 
-async def update_user(sessions: Sessions, user_id: int, changes: dict[str, Any]) -> dict[str, Any]:
+async def update_user(
+    sessions: Sessions, user_id: int, changes: dict[str, Any]
+) -> tuple[dict[str, Any], list[int]]:
+    """Change a user; returns the user and, if they were just disabled, the rooms
+    they may enter (so their live sockets can be ended)."""
     async with sessions.begin() as session:
         user = await session.get(User, user_id)
         if user is None:
             raise Refused(404, "not_found", "no such user")
-        if "institution_id" in changes and changes["institution_id"] is not None:
-            if await session.get(Institution, changes["institution_id"]) is None:
-                raise Refused(422, "invalid", "no such institution")
+        inst_id = changes.get("institution_id")
+        if inst_id is not None and await session.get(Institution, inst_id) is None:
+            raise Refused(422, "invalid", "no such institution")
         for key, value in changes.items():
             setattr(user, key, value)
-        return user_json(user)
+        rooms: list[int] = []
+        if changes.get("disabled") is True:
+            # A disabled account is logged out everywhere at once.
+            await session.execute(delete(Session).where(Session.user_id == user_id))
+            rooms = list(
+                (
+                    await session.execute(
+                        select(Room.id)
+                        .join(Membership, Membership.partnership_id == Room.partnership_id)
+                        .where(Membership.user_id == user_id)
+                    )
+                ).scalars()
+            )
+        return user_json(user), rooms
 
 
 # -- partnerships ---------------------------------------------------------------------
@@ -164,6 +182,8 @@ async def is_coordinator(sessions: Sessions, partnership_id: int, user_id: int) 
 
 
 async def _check_institutions(session: AsyncSession, ids: Sequence[int]) -> None:
+    if len(set(ids)) < 2:
+        raise Refused(422, "invalid", "a partnership needs at least two different institutions")
     found = (
         await session.execute(select(func.count()).where(Institution.id.in_(list(ids))))
     ).scalar_one()
@@ -282,6 +302,11 @@ async def change_stage(
         return stage_json(change)
 
 
+async def _require_partnership(session: AsyncSession, partnership_id: int) -> None:
+    if await session.get(Partnership, partnership_id) is None:
+        raise Refused(404, "not_found", "no such partnership")
+
+
 def stage_json(c: StageChange) -> dict[str, Any]:
     return {
         "from": c.from_stage.value if c.from_stage else None,
@@ -294,6 +319,7 @@ def stage_json(c: StageChange) -> dict[str, Any]:
 
 async def stage_history(sessions: Sessions, partnership_id: int) -> list[dict[str, Any]]:
     async with sessions() as session:
+        await _require_partnership(session, partnership_id)
         rows = await session.execute(
             select(StageChange)
             .where(StageChange.partnership_id == partnership_id)
@@ -347,6 +373,7 @@ async def set_agreement(
 
 async def list_members(sessions: Sessions, partnership_id: int) -> list[dict[str, Any]]:
     async with sessions() as session:
+        await _require_partnership(session, partnership_id)
         rows = await session.execute(
             select(Membership, User, Institution)
             .join(User, User.id == Membership.user_id)
@@ -385,9 +412,22 @@ async def set_member(
         return False
 
 
+async def change_member_role(
+    sessions: Sessions, partnership_id: int, user_id: int, role: MemberRole
+) -> None:
+    """Change the role of an existing member (404 if not a member)."""
+    async with sessions.begin() as session:
+        await _require_partnership(session, partnership_id)
+        m = await session.get(Membership, (partnership_id, user_id))
+        if m is None:
+            raise Refused(404, "not_found", "not a member")
+        m.role = role
+
+
 async def remove_member(sessions: Sessions, partnership_id: int, user_id: int) -> list[int]:
     """Remove a membership; returns the partnership's room ids (to end live sockets)."""
     async with sessions.begin() as session:
+        await _require_partnership(session, partnership_id)
         result = await session.execute(
             delete(Membership).where(
                 Membership.partnership_id == partnership_id, Membership.user_id == user_id
@@ -439,10 +479,11 @@ async def create_invitation(
     """Returns the invitation and its code (shown once; only its hash is kept)."""
     code = secrets.token_urlsafe(24)
     async with sessions.begin() as session:
-        if await session.get(Partnership, partnership_id) is None:
-            raise Refused(404, "not_found", "no such partnership")
-        if institution_id is not None and await session.get(Institution, institution_id) is None:
-            raise Refused(422, "invalid", "no such institution")
+        await _require_partnership(session, partnership_id)
+        if institution_id is not None and (
+            await session.get(PartnershipInstitution, (partnership_id, institution_id)) is None
+        ):
+            raise Refused(422, "invalid", "the institution is not part of this partnership")
         inv = Invitation(
             partnership_id=partnership_id,
             email=email.strip().lower(),
@@ -459,6 +500,7 @@ async def create_invitation(
 
 async def list_invitations(sessions: Sessions, partnership_id: int) -> list[dict[str, Any]]:
     async with sessions() as session:
+        await _require_partnership(session, partnership_id)
         rows = await session.execute(
             select(Invitation).where(Invitation.partnership_id == partnership_id).order_by(Invitation.id)
         )
