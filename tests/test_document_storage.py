@@ -1,0 +1,171 @@
+"""Documents survive restarts and kill -9, compact, keep named versions, and project
+their activities into rows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pycrdt
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from storage.models import Document, DocumentSnapshot, DocumentUpdate
+from tests.conftest import dedicated_server
+from tests.support import ServerProcess, World
+from tests.yclient import add_activity, yclient
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def own(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server these tests stop and kill, with quick compaction and projection."""
+    with dedicated_server(
+        backend,
+        tmp_path_factory,
+        {
+            "SQLITE_SYNCHRONOUS": "FULL",
+            "DOC_UPDATES_PER_SECOND": "5000",
+            "DOC_UPDATE_BURST": "5000",
+            "DOC_COMPACT_AFTER_UPDATES": "50",
+            "PROJECTION_DELAY": "0.2",
+            "DOC_IDLE_UNLOAD": "0.5",
+        },
+    ) as proc:
+        yield proc
+
+
+def covered(by: pycrdt.Doc, doc: pycrdt.Doc) -> bool:
+    """Everything in ``doc`` is also in ``by``."""
+    return pycrdt.get_update(doc.get_update(), by.get_state()) == b"\x00\x00"
+
+
+@pytest.mark.slow
+async def test_kill_9_keeps_every_update_a_client_received(own: ServerProcess) -> None:
+    """kill -9 during a stream of edits: all that any client received is in storage."""
+    async with World.create(own, members=2) as world:
+        ana, lars = world.members
+        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as a, yclient(
+            own, world.room_id, "agreement", await lars.token(world.room_id)
+        ) as b:
+
+            async def stream() -> None:
+                with contextlib.suppress(Exception):
+                    for i in range(5000):
+                        await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
+                        if i % 10 == 0:
+                            await asyncio.sleep(0)
+
+            writer = asyncio.create_task(stream())
+            await b.wait_for(lambda: len(b.updates_received) >= 200)
+            own.kill()
+            await writer
+            received = pycrdt.Doc()
+            received.apply_update(b.doc.get_update())
+        assert len(b.updates_received) >= 200
+        own.start()
+        async with yclient(own, world.room_id, "agreement", await lars.token(world.room_id)) as fresh:
+            assert covered(fresh.doc, received), "an update a client received was lost"
+
+
+async def test_restart_reloads_the_same_state(own: ServerProcess) -> None:
+    """After a graceful restart the document reloads equal to what clients had."""
+    async with World.create(own, members=2) as world:
+        ana = world.members[0]
+        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as a:
+            for i in range(120):  # more than the compaction threshold
+                await a.edit(add_activity(f"act-{i}", title=f"Activity {i}"))
+            await a.edit(lambda d: d.get("meta", type=pycrdt.Map).update({"title": "Signed"}))
+            before = a.doc.get_update()
+            await asyncio.sleep(0.3)
+        own.stop()
+        own.start()
+        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as b:
+            expected = pycrdt.Doc()
+            expected.apply_update(before)
+            assert covered(b.doc, expected) and covered(expected, b.doc)
+            assert len(b.activities()) == 120
+
+
+async def test_compaction_folds_the_log_into_a_snapshot(own: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Past the threshold the log is folded into a snapshot; loading gives the same state."""
+    async with World.create(own, members=1) as world:
+        ana = world.members[0]
+        async with yclient(own, world.room_id, "compact", await ana.token(world.room_id)) as a:
+            for i in range(200):
+                await a.edit(lambda d, i=i: d.get("t", type=pycrdt.Text).insert(0, f"{i % 10}"))
+            text = str(a.doc.get("t", type=pycrdt.Text))
+        engine = create_async_engine(own.database_url)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    async with engine.connect() as conn:
+                        doc_id = (
+                            await conn.execute(
+                                select(Document.id).where(
+                                    Document.room_id == world.room_id, Document.name == "compact"
+                                )
+                            )
+                        ).scalar_one()
+                        snap = (
+                            await conn.execute(
+                                select(DocumentSnapshot.upto_update_id).where(
+                                    DocumentSnapshot.document_id == doc_id
+                                )
+                            )
+                        ).scalar_one_or_none()
+                        rows = len(
+                            (
+                                await conn.execute(
+                                    select(DocumentUpdate.id).where(
+                                        DocumentUpdate.document_id == doc_id
+                                    )
+                                )
+                            ).all()
+                        )
+                    if snap is not None and rows < 50:
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            await engine.dispose()
+        async with yclient(own, world.room_id, "compact", await ana.token(world.room_id)) as b:
+            assert str(b.doc.get("t", type=pycrdt.Text)) == text
+
+
+async def test_corrupt_storage_refuses_instead_of_serving_empty(own: ServerProcess) -> None:
+    """A document whose stored log cannot load is refused (1013), never replaced by an empty one."""
+    async with World.create(own, members=1) as world:
+        ana = world.members[0]
+        async with yclient(own, world.room_id, "fragile", await ana.token(world.room_id)) as a:
+            await a.edit(lambda d: d.get("t", type=pycrdt.Text).insert(0, "precious"))
+        await asyncio.sleep(1.0)  # idle unload (0.5 s) so the next connection loads again
+        engine = create_async_engine(own.database_url)
+        try:
+            async with engine.begin() as conn:
+                doc_id = (
+                    await conn.execute(
+                        select(Document.id).where(
+                            Document.room_id == world.room_id, Document.name == "fragile"
+                        )
+                    )
+                ).scalar_one()
+                # Damage every stored form of it (log and snapshot, whichever exists).
+                await conn.execute(
+                    update(DocumentUpdate)
+                    .where(DocumentUpdate.document_id == doc_id)
+                    .values(data=b"\xff\xff\xff")
+                )
+                await conn.execute(
+                    update(DocumentSnapshot)
+                    .where(DocumentSnapshot.document_id == doc_id)
+                    .values(state=b"\xff\xff\xff")
+                )
+        finally:
+            await engine.dispose()
+        async with yclient(
+            own, world.room_id, "fragile", await ana.token(world.room_id), sync=False
+        ) as c:
+            assert await c.close_code() == 1013
