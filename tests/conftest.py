@@ -84,6 +84,7 @@ def server(
             "DOC_UPDATE_BURST": "5000",
             "AWARENESS_PER_SECOND": "500",
             "DOC_IDLE_UNLOAD": "1",
+            "PROJECTION_DELAY": "0.1",
         },
     )
     proc.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
