@@ -17,8 +17,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python server.py serve
 
-## Run the whole test suite (needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379).
-test: $(STAMP)
+# The stock npm Yjs client that tests/test_yjs_interop.py drives (versions pinned in its lock file).
+INTEROP := tests/interop
+INTEROP_STAMP := $(INTEROP)/node_modules/.installed
+
+$(INTEROP_STAMP): $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: the Yjs interop tests need Node.js and npm" >&2; exit 1; }
+	npm ci --prefix $(INTEROP) --no-audit --no-fund
+	@touch $(INTEROP_STAMP)
+
+## Run the whole test suite (needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, Node.js and npm).
+test: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
