@@ -47,7 +47,9 @@ async def document_id(sessions: Sessions, room_id: int, name: str) -> int:
     async with sessions() as session:
         found = (
             await session.execute(
-                select(Document.id).where(Document.room_id == room_id, Document.name == name)
+                select(Document.id).where(
+                    Document.room_id == room_id, Document.name == name
+                )
             )
         ).scalar_one_or_none()
         if found is not None:
@@ -100,7 +102,12 @@ async def append_updates(
         await session.execute(
             insert(DocumentUpdate),
             [
-                {"document_id": doc_id, "data": data, "user_id": user, "created_at": now}
+                {
+                    "document_id": doc_id,
+                    "data": data,
+                    "user_id": user,
+                    "created_at": now,
+                }
                 for data, user in items
             ],
         )
@@ -130,7 +137,9 @@ async def compact_document(
         state = merge(parts)
         last = rows[-1].id
         if snap is None:
-            session.add(DocumentSnapshot(document_id=doc_id, state=state, upto_update_id=last))
+            session.add(
+                DocumentSnapshot(document_id=doc_id, state=state, upto_update_id=last)
+            )
         else:
             snap.state = state
             snap.upto_update_id = last
@@ -176,7 +185,9 @@ async def create_version(
     sessions: Sessions, doc_id: int, name: str, state: bytes, user_id: int
 ) -> dict[str, Any]:
     async with sessions.begin() as session:
-        version = DocumentVersion(document_id=doc_id, name=name, state=state, created_by=user_id)
+        version = DocumentVersion(
+            document_id=doc_id, name=name, state=state, created_by=user_id
+        )
         session.add(version)
         await session.flush()
         author = await session.get(User, user_id)
@@ -194,7 +205,9 @@ async def list_versions(sessions: Sessions, doc_id: int) -> list[dict[str, Any]]
         return [_version_json(v, name) for v, name in rows.tuples()]
 
 
-async def version_state(sessions: Sessions, doc_id: int, version_id: int) -> bytes | None:
+async def version_state(
+    sessions: Sessions, doc_id: int, version_id: int
+) -> bytes | None:
     async with sessions() as session:
         v = await session.get(DocumentVersion, version_id)
         if v is None or v.document_id != doc_id:
@@ -203,6 +216,26 @@ async def version_state(sessions: Sessions, doc_id: int, version_id: int) -> byt
 
 
 # -- activity projection ----------------------------------------------------------
+
+
+def _id(value: Any) -> int | str | None:
+    """A user or institution id as written by any client: JavaScript numbers arrive
+    as floats through pycrdt (3.0), so whole numbers become ints again."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value:
+        return value[:64]
+    return None
+
+
+def _ids(values: Any) -> list[int | str]:
+    if not isinstance(values, list):
+        return []
+    return [i for i in map(_id, values) if i is not None]
 
 
 def _date(value: Any) -> dt.date | None:
@@ -226,7 +259,7 @@ async def replace_activities(
         if not activity_id or activity_id in seen:
             continue  # an entry without a usable id cannot be addressed; skip it
         seen.add(activity_id)
-        owner = a.get("owner")
+        owner = _id(a.get("owner"))
         rows.append(
             {
                 "room_id": room_id,
@@ -235,11 +268,9 @@ async def replace_activities(
                 "title": str(a.get("title") or ""),
                 "description": str(a.get("description") or ""),
                 "status": str(a.get("status") or "planned")[:16],
-                "owner_id": int(owner) if isinstance(owner, int | float) else None,
-                "people": [p for p in a.get("people") or [] if isinstance(p, int | float | str)],
-                "institutions": [
-                    i for i in a.get("institutions") or [] if isinstance(i, int | float | str)
-                ],
+                "owner_id": owner if isinstance(owner, int) else None,
+                "people": _ids(a.get("people")),
+                "institutions": _ids(a.get("institutions")),
                 "starts_on": _date(a.get("starts_on")),
                 "ends_on": _date(a.get("ends_on")),
                 "outcomes": str(a.get("outcomes") or ""),
@@ -255,7 +286,9 @@ async def replace_activities(
 async def list_activities(sessions: Sessions, room_id: int) -> list[dict[str, Any]]:
     async with sessions() as session:
         rows = await session.execute(
-            select(ActivityRow).where(ActivityRow.room_id == room_id).order_by(ActivityRow.position)
+            select(ActivityRow)
+            .where(ActivityRow.room_id == room_id)
+            .order_by(ActivityRow.position)
         )
         today = dt.date.today()
         return [
@@ -272,7 +305,9 @@ async def list_activities(sessions: Sessions, room_id: int) -> list[dict[str, An
                 "ends_on": r.ends_on.isoformat() if r.ends_on else None,
                 "outcomes": r.outcomes,
                 "overdue": bool(
-                    r.ends_on and r.ends_on < today and r.status in ("planned", "in_progress")
+                    r.ends_on
+                    and r.ends_on < today
+                    and r.status in ("planned", "in_progress")
                 ),
                 "updated_at": r.updated_at.isoformat().replace("+00:00", "Z"),
             }

@@ -142,6 +142,9 @@ async def test_activity_overview_matches_the_document(
         assert row["status"] == activity["status"]
         assert row["owner"] == activity.get("owner")
     assert rows["t2"]["overdue"] is True  # ended in 2020 and not done
+    # Ids stay integers, whatever number type the writing client used.
+    assert rows["t2"]["people"] == [ana.id, lars.id]
+    assert rows["t1"]["institutions"] == [world.institutions[0]]
     assert rows["t1"]["starts_on"] == "2026-02-01"
     stranger = await world.add_user("Stranger", world.institutions[0])
     assert (
