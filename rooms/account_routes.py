@@ -35,7 +35,9 @@ from storage.accounts import (
 from storage.chat import history
 from storage.events import EventRow
 
-Email = Annotated[str, msgspec.Meta(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+Email = Annotated[
+    str, msgspec.Meta(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+]
 Password = Annotated[str, msgspec.Meta(min_length=10, max_length=256)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
@@ -59,7 +61,9 @@ class Accept(_Body):
     password: Password | None = None
 
 
-def set_session_cookie(request: Request, response: Response, token: str, ttl: float) -> None:
+def set_session_cookie(
+    request: Request, response: Response, token: str, ttl: float
+) -> None:
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -85,7 +89,9 @@ def _attempt(request: Request, email: str) -> tuple[str, ...]:
     wait = max(limiter.blocked_for(k, now) for k in keys)
     if wait > 0:
         raise ApiError(
-            429, "rate_limited", "too many failed logins: try again later",
+            429,
+            "rate_limited",
+            "too many failed logins: try again later",
             headers={"Retry-After": str(int(wait) + 1)},
         )
     for k in keys:
@@ -113,7 +119,9 @@ async def login(request: Request) -> Response:
     return await _logged_in(request, user, {"user": user.as_json()})
 
 
-async def _logged_in(request: Request, user: UserInfo, payload: dict[str, Any]) -> Response:
+async def _logged_in(
+    request: Request, user: UserInfo, payload: dict[str, Any]
+) -> Response:
     ttl = request.app.state.settings.session_ttl
     token, expires = await create_session(request.app.state.db.sessions, user.id, ttl)
     response = json_response({**payload, "expires_at": iso(expires)})
@@ -203,7 +211,9 @@ async def room_messages(request: Request) -> Response:
 async def invitation_preview(request: Request) -> Response:
     code = request.path_params["code"]
     try:
-        inv, title, exists = await admin.find_invitation(request.app.state.db.sessions, code)
+        inv, title, exists = await admin.find_invitation(
+            request.app.state.db.sessions, code
+        )
     except admin.Refused as refused:
         raise ApiError(refused.status, refused.code, refused.message) from None
     return json_response(
@@ -239,18 +249,26 @@ async def accept_invitation(request: Request) -> Response:
             keys = _attempt(request, inv.email)
             found = await user_with_hash(sessions, inv.email)
             if found is None or not await verify_password(found[1], body.password):
-                raise ApiError(401, "invalid_credentials", "wrong password for the invited account")
+                raise ApiError(
+                    401, "invalid_credentials", "wrong password for the invited account"
+                )
             _succeeded(request, keys)
             user_id = found[0].id
         else:
             raise ApiError(
-                409, "account_exists",
+                409,
+                "account_exists",
                 "an account with this e-mail exists: log in as it, or give its password",
             )
     else:
         if body.name is None or body.password is None:
-            raise ApiError(422, "invalid", "name and password (10+ characters) create the account")
-        new_user = {"name": body.name, "password_hash": await hash_password(body.password)}
+            raise ApiError(
+                422, "invalid", "name and password (10+ characters) create the account"
+            )
+        new_user = {
+            "name": body.name,
+            "password_hash": await hash_password(body.password),
+        }
     try:
         user_id, partnership_id, room_id = await admin.accept_invitation(
             sessions, body.code, user_id=user_id, new_user=new_user

@@ -24,7 +24,13 @@ _encoder = msgspec.json.Encoder()
 class ApiError(Exception):
     """An error the client caused; rendered as ``{"error": {"code", "message"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -32,13 +38,20 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
-        _encoder.encode(data), status_code=status, media_type="application/json", headers=headers
+        _encoder.encode(data),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
@@ -64,7 +77,10 @@ _HTTP_CODES = {
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return error_response(
-        exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), str(exc.detail), exc.headers
+        exc.status_code,
+        _HTTP_CODES.get(exc.status_code, "error"),
+        str(exc.detail),
+        exc.headers,
     )
 
 
@@ -93,7 +109,9 @@ async def read_body(request: Request, schema: type[T], *, empty: T | None = None
         return empty
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        raise ApiError(
+            415, "unsupported_media_type", "send the body as application/json"
+        )
     try:
         return msgspec.json.decode(bytes(body), type=schema)
     except msgspec.ValidationError as exc:
@@ -106,13 +124,17 @@ def path_int(request: Request, name: str) -> int:
     try:
         value = int(request.path_params[name])
     except (KeyError, ValueError):
-        raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}") from None
+        raise ApiError(
+            404, "not_found", f"no such {name.removesuffix('_id')}"
+        ) from None
     if value < 1 or value > 2**62:
         raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
     return value
 
 
-def query_int(request: Request, name: str, default: int | None, *, low: int, high: int) -> int | None:
+def query_int(
+    request: Request, name: str, default: int | None, *, low: int, high: int
+) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -136,8 +158,12 @@ def check_origin(request: Request) -> None:
     if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
         return
     auth: Authenticator = request.app.state.auth
-    if not auth.origin_allowed(origin, host=request.headers.get("host"), scheme=request.url.scheme):
-        raise ApiError(403, "origin_not_allowed", "requests from this origin are not allowed")
+    if not auth.origin_allowed(
+        origin, host=request.headers.get("host"), scheme=request.url.scheme
+    ):
+        raise ApiError(
+            403, "origin_not_allowed", "requests from this origin are not allowed"
+        )
 
 
 async def current_user(request: Request) -> UserInfo:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-
 # Text frames (room socket, JSON) or binary frames (document socket, y-websocket).
 Frame = str | bytes
 

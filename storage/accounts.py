@@ -46,7 +46,11 @@ class UserInfo:
             "role": self.role.value,
             "institution": None
             if self.institution_id is None
-            else {"id": self.institution_id, "name": self.institution, "country": self.country},
+            else {
+                "id": self.institution_id,
+                "name": self.institution,
+                "country": self.country,
+            },
         }
 
 
@@ -66,12 +70,16 @@ def _user_query():  # type: ignore[no-untyped-def]
 
 
 def _info(user: User, inst: str | None, country: str | None) -> UserInfo:
-    return UserInfo(user.id, user.email, user.name, user.role, user.institution_id, inst, country)
+    return UserInfo(
+        user.id, user.email, user.name, user.role, user.institution_id, inst, country
+    )
 
 
 async def user_by_id(session: AsyncSession, user_id: int) -> UserInfo | None:
     row = (
-        await session.execute(_user_query().where(User.id == user_id, User.disabled.is_(False)))
+        await session.execute(
+            _user_query().where(User.id == user_id, User.disabled.is_(False))
+        )
     ).first()
     return None if row is None else _info(*row)
 
@@ -83,7 +91,9 @@ async def user_with_hash(
     async with sessions() as session:
         row = (
             await session.execute(
-                _user_query().where(User.email == email.strip().lower(), User.disabled.is_(False))
+                _user_query().where(
+                    User.email == email.strip().lower(), User.disabled.is_(False)
+                )
             )
         ).first()
     return None if row is None else (_info(*row), row[0].password_hash)
@@ -98,9 +108,13 @@ async def create_session(
     async with sessions.begin() as session:
         # Housekeeping: a user's expired sessions go when they log in again.
         await session.execute(
-            delete(Session).where(Session.user_id == user_id, Session.expires_at < utcnow())
+            delete(Session).where(
+                Session.user_id == user_id, Session.expires_at < utcnow()
+            )
         )
-        session.add(Session(token_hash=hash_secret(token), user_id=user_id, expires_at=expires))
+        session.add(
+            Session(token_hash=hash_secret(token), user_id=user_id, expires_at=expires)
+        )
     return token, expires
 
 
@@ -112,7 +126,8 @@ async def user_for_session(
         row = (
             await session.execute(
                 select(Session.user_id).where(
-                    Session.token_hash == hash_secret(token), Session.expires_at > utcnow()
+                    Session.token_hash == hash_secret(token),
+                    Session.expires_at > utcnow(),
                 )
             )
         ).first()
@@ -123,7 +138,9 @@ async def user_for_session(
 
 async def end_session(sessions: async_sessionmaker[AsyncSession], token: str) -> None:
     async with sessions.begin() as session:
-        await session.execute(delete(Session).where(Session.token_hash == hash_secret(token)))
+        await session.execute(
+            delete(Session).where(Session.token_hash == hash_secret(token))
+        )
 
 
 async def room_access(
@@ -150,4 +167,6 @@ async def room_access(
         ).scalar_one_or_none()
         if role is None:
             return False
-        return RoomAccess(room[0].id, room[0].name, room[0].partnership_id, room[1], role)
+        return RoomAccess(
+            room[0].id, room[0].name, room[0].partnership_id, room[1], role
+        )

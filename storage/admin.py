@@ -59,7 +59,9 @@ def institution_json(i: Institution) -> dict[str, Any]:
     return {"id": i.id, "name": i.name, "country": i.country, "timezone": i.timezone}
 
 
-async def create_institution(sessions: Sessions, name: str, country: str, timezone: str) -> int:
+async def create_institution(
+    sessions: Sessions, name: str, country: str, timezone: str
+) -> int:
     try:
         async with sessions.begin() as session:
             inst = Institution(name=name, country=country.upper(), timezone=timezone)
@@ -76,7 +78,9 @@ async def list_institutions(sessions: Sessions) -> list[dict[str, Any]]:
         return [institution_json(i) for i in rows.scalars()]
 
 
-async def update_institution(sessions: Sessions, inst_id: int, changes: dict[str, Any]) -> dict[str, Any]:
+async def update_institution(
+    sessions: Sessions, inst_id: int, changes: dict[str, Any]
+) -> dict[str, Any]:
     try:
         async with sessions.begin() as session:
             inst = await session.get(Institution, inst_id)
@@ -114,7 +118,10 @@ async def create_user(
 ) -> int:
     try:
         async with sessions.begin() as session:
-            if institution_id is not None and await session.get(Institution, institution_id) is None:
+            if (
+                institution_id is not None
+                and await session.get(Institution, institution_id) is None
+            ):
                 raise Refused(422, "invalid", "no such institution")
             user = User(
                 email=email.strip().lower(),
@@ -158,7 +165,9 @@ async def update_user(
                 (
                     await session.execute(
                         select(Room.id)
-                        .join(Membership, Membership.partnership_id == Room.partnership_id)
+                        .join(
+                            Membership, Membership.partnership_id == Room.partnership_id
+                        )
                         .where(Membership.user_id == user_id)
                     )
                 ).scalars()
@@ -174,7 +183,8 @@ async def is_coordinator(sessions: Sessions, partnership_id: int, user_id: int) 
         role = (
             await session.execute(
                 select(Membership.role).where(
-                    Membership.partnership_id == partnership_id, Membership.user_id == user_id
+                    Membership.partnership_id == partnership_id,
+                    Membership.user_id == user_id,
                 )
             )
         ).scalar_one_or_none()
@@ -183,7 +193,9 @@ async def is_coordinator(sessions: Sessions, partnership_id: int, user_id: int) 
 
 async def _check_institutions(session: AsyncSession, ids: Sequence[int]) -> None:
     if len(set(ids)) < 2:
-        raise Refused(422, "invalid", "a partnership needs at least two different institutions")
+        raise Refused(
+            422, "invalid", "a partnership needs at least two different institutions"
+        )
     found = (
         await session.execute(select(func.count()).where(Institution.id.in_(list(ids))))
     ).scalar_one()
@@ -203,19 +215,34 @@ async def create_partnership(
     """Create the partnership and its room; returns ``(partnership_id, room_id)``."""
     async with sessions.begin() as session:
         await _check_institutions(session, institution_ids)
-        p = Partnership(title=title, goals=goals, stage=Stage.PLANNING, created_by=created_by)
+        p = Partnership(
+            title=title, goals=goals, stage=Stage.PLANNING, created_by=created_by
+        )
         session.add(p)
         await session.flush()
         session.add_all(
             PartnershipInstitution(partnership_id=p.id, institution_id=i)
             for i in sorted(set(institution_ids))
         )
-        session.add(StageChange(partnership_id=p.id, from_stage=None, to_stage=Stage.PLANNING, changed_by=created_by))
+        session.add(
+            StageChange(
+                partnership_id=p.id,
+                from_stage=None,
+                to_stage=Stage.PLANNING,
+                changed_by=created_by,
+            )
+        )
         session.add(Agreement(partnership_id=p.id))
         room = Room(partnership_id=p.id, name=title[:200])
         session.add(room)
         if coordinator_id is not None:
-            session.add(Membership(partnership_id=p.id, user_id=coordinator_id, role=MemberRole.COORDINATOR))
+            session.add(
+                Membership(
+                    partnership_id=p.id,
+                    user_id=coordinator_id,
+                    role=MemberRole.COORDINATOR,
+                )
+            )
         await session.flush()
         return p.id, room.id
 
@@ -224,14 +251,23 @@ async def partnership_json(session: AsyncSession, p: Partnership) -> dict[str, A
     insts = (
         await session.execute(
             select(Institution)
-            .join(PartnershipInstitution, PartnershipInstitution.institution_id == Institution.id)
+            .join(
+                PartnershipInstitution,
+                PartnershipInstitution.institution_id == Institution.id,
+            )
             .where(PartnershipInstitution.partnership_id == p.id)
             .order_by(Institution.name)
         )
     ).scalars()
     room_id = (
-        await session.execute(select(Room.id).where(Room.partnership_id == p.id).order_by(Room.id))
-    ).scalars().first()
+        (
+            await session.execute(
+                select(Room.id).where(Room.partnership_id == p.id).order_by(Room.id)
+            )
+        )
+        .scalars()
+        .first()
+    )
     return {
         "id": p.id,
         "title": p.title,
@@ -243,15 +279,22 @@ async def partnership_json(session: AsyncSession, p: Partnership) -> dict[str, A
     }
 
 
-async def list_partnerships(sessions: Sessions, *, user_id: int | None) -> list[dict[str, Any]]:
+async def list_partnerships(
+    sessions: Sessions, *, user_id: int | None
+) -> list[dict[str, Any]]:
     """All partnerships (``user_id`` None) or those the user coordinates."""
     async with sessions() as session:
         query = select(Partnership).order_by(Partnership.id)
         if user_id is not None:
-            query = query.join(Membership, Membership.partnership_id == Partnership.id).where(
+            query = query.join(
+                Membership, Membership.partnership_id == Partnership.id
+            ).where(
                 Membership.user_id == user_id, Membership.role == MemberRole.COORDINATOR
             )
-        return [await partnership_json(session, p) for p in (await session.execute(query)).scalars()]
+        return [
+            await partnership_json(session, p)
+            for p in (await session.execute(query)).scalars()
+        ]
 
 
 async def get_partnership(sessions: Sessions, partnership_id: int) -> dict[str, Any]:
@@ -273,10 +316,13 @@ async def update_partnership(
         if ids is not None:
             await _check_institutions(session, ids)
             await session.execute(
-                delete(PartnershipInstitution).where(PartnershipInstitution.partnership_id == p.id)
+                delete(PartnershipInstitution).where(
+                    PartnershipInstitution.partnership_id == p.id
+                )
             )
             session.add_all(
-                PartnershipInstitution(partnership_id=p.id, institution_id=i) for i in sorted(set(ids))
+                PartnershipInstitution(partnership_id=p.id, institution_id=i)
+                for i in sorted(set(ids))
             )
         for key, value in changes.items():
             setattr(p, key, value)
@@ -292,9 +338,15 @@ async def change_stage(
         if p is None:
             raise Refused(404, "not_found", "no such partnership")
         if p.stage == stage:
-            raise Refused(409, "unchanged", f"the partnership is already at {stage.value}")
+            raise Refused(
+                409, "unchanged", f"the partnership is already at {stage.value}"
+            )
         change = StageChange(
-            partnership_id=p.id, from_stage=p.stage, to_stage=stage, changed_by=by, note=note
+            partnership_id=p.id,
+            from_stage=p.stage,
+            to_stage=stage,
+            changed_by=by,
+            note=note,
         )
         p.stage = stage
         session.add(change)
@@ -317,7 +369,9 @@ def stage_json(c: StageChange) -> dict[str, Any]:
     }
 
 
-async def stage_history(sessions: Sessions, partnership_id: int) -> list[dict[str, Any]]:
+async def stage_history(
+    sessions: Sessions, partnership_id: int
+) -> list[dict[str, Any]]:
     async with sessions() as session:
         await _require_partnership(session, partnership_id)
         rows = await session.execute(
@@ -387,7 +441,9 @@ async def list_members(sessions: Sessions, partnership_id: int) -> list[dict[str
                 "name": u.name,
                 "email": u.email,
                 "role": m.role.value,
-                "institution": None if i is None else {"id": i.id, "name": i.name, "country": i.country},
+                "institution": None
+                if i is None
+                else {"id": i.id, "name": i.name, "country": i.country},
                 "last_read_seq": m.last_read_seq,
                 "since": _iso(m.created_at),
             }
@@ -406,7 +462,9 @@ async def set_member(
             raise Refused(422, "invalid", "no such user")
         m = await session.get(Membership, (partnership_id, user_id))
         if m is None:
-            session.add(Membership(partnership_id=partnership_id, user_id=user_id, role=role))
+            session.add(
+                Membership(partnership_id=partnership_id, user_id=user_id, role=role)
+            )
             return True
         m.role = role
         return False
@@ -424,19 +482,26 @@ async def change_member_role(
         m.role = role
 
 
-async def remove_member(sessions: Sessions, partnership_id: int, user_id: int) -> list[int]:
+async def remove_member(
+    sessions: Sessions, partnership_id: int, user_id: int
+) -> list[int]:
     """Remove a membership; returns the partnership's room ids (to end live sockets)."""
     async with sessions.begin() as session:
         await _require_partnership(session, partnership_id)
         result = await session.execute(
             delete(Membership).where(
-                Membership.partnership_id == partnership_id, Membership.user_id == user_id
+                Membership.partnership_id == partnership_id,
+                Membership.user_id == user_id,
             )
         )
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise Refused(404, "not_found", "not a member")
         return list(
-            (await session.execute(select(Room.id).where(Room.partnership_id == partnership_id))).scalars()
+            (
+                await session.execute(
+                    select(Room.id).where(Room.partnership_id == partnership_id)
+                )
+            ).scalars()
         )
 
 
@@ -481,9 +546,12 @@ async def create_invitation(
     async with sessions.begin() as session:
         await _require_partnership(session, partnership_id)
         if institution_id is not None and (
-            await session.get(PartnershipInstitution, (partnership_id, institution_id)) is None
+            await session.get(PartnershipInstitution, (partnership_id, institution_id))
+            is None
         ):
-            raise Refused(422, "invalid", "the institution is not part of this partnership")
+            raise Refused(
+                422, "invalid", "the institution is not part of this partnership"
+            )
         inv = Invitation(
             partnership_id=partnership_id,
             email=email.strip().lower(),
@@ -498,16 +566,22 @@ async def create_invitation(
         return invitation_json(inv), code
 
 
-async def list_invitations(sessions: Sessions, partnership_id: int) -> list[dict[str, Any]]:
+async def list_invitations(
+    sessions: Sessions, partnership_id: int
+) -> list[dict[str, Any]]:
     async with sessions() as session:
         await _require_partnership(session, partnership_id)
         rows = await session.execute(
-            select(Invitation).where(Invitation.partnership_id == partnership_id).order_by(Invitation.id)
+            select(Invitation)
+            .where(Invitation.partnership_id == partnership_id)
+            .order_by(Invitation.id)
         )
         return [invitation_json(i) for i in rows.scalars()]
 
 
-async def revoke_invitation(sessions: Sessions, partnership_id: int, invitation_id: int) -> dict[str, Any]:
+async def revoke_invitation(
+    sessions: Sessions, partnership_id: int, invitation_id: int
+) -> dict[str, Any]:
     async with sessions.begin() as session:
         inv = await session.get(Invitation, invitation_id)
         if inv is None or inv.partnership_id != partnership_id:
@@ -535,7 +609,9 @@ async def renew_invitation(
         return invitation_json(inv), code
 
 
-async def find_invitation(sessions: Sessions, code: str) -> tuple[Invitation, str, bool]:
+async def find_invitation(
+    sessions: Sessions, code: str
+) -> tuple[Invitation, str, bool]:
     """A usable invitation by code, its partnership title, and whether its e-mail has an account.
 
     Raises:
@@ -543,14 +619,20 @@ async def find_invitation(sessions: Sessions, code: str) -> tuple[Invitation, st
     """
     async with sessions() as session:
         inv = (
-            await session.execute(select(Invitation).where(Invitation.code_hash == hash_secret(code)))
+            await session.execute(
+                select(Invitation).where(Invitation.code_hash == hash_secret(code))
+            )
         ).scalar_one_or_none()
         if inv is None:
             raise Refused(404, "not_found", "no such invitation")
         state = invitation_json(inv)["state"]
         if state != "pending":
             raise Refused(410, state, f"this invitation is {state}")
-        title = (await session.execute(select(Partnership.title).where(Partnership.id == inv.partnership_id))).scalar_one()
+        title = (
+            await session.execute(
+                select(Partnership.title).where(Partnership.id == inv.partnership_id)
+            )
+        ).scalar_one()
         exists = (
             await session.execute(select(User.id).where(User.email == inv.email))
         ).scalar_one_or_none() is not None
@@ -578,7 +660,13 @@ async def accept_invitation(
                 Invitation.expires_at > utcnow(),
             )
             .values(accepted_at=utcnow())
-            .returning(Invitation.id, Invitation.partnership_id, Invitation.role, Invitation.email, Invitation.institution_id)
+            .returning(
+                Invitation.id,
+                Invitation.partnership_id,
+                Invitation.role,
+                Invitation.email,
+                Invitation.institution_id,
+            )
         )
         row = used.first()
         if row is None:
@@ -591,21 +679,39 @@ async def accept_invitation(
                 name=new_user["name"],
                 password_hash=new_user["password_hash"],
                 institution_id=institution_id,
-                role=UserRole.COORDINATOR if role == MemberRole.COORDINATOR else UserRole.INSTRUCTOR,
+                role=UserRole.COORDINATOR
+                if role == MemberRole.COORDINATOR
+                else UserRole.INSTRUCTOR,
             )
             session.add(user)
             try:
                 await session.flush()
             except IntegrityError:
-                raise Refused(409, "exists", "an account with this e-mail exists: log in first") from None
+                raise Refused(
+                    409, "exists", "an account with this e-mail exists: log in first"
+                ) from None
             user_id = user.id
-        await session.execute(update(Invitation).where(Invitation.id == inv_id).values(accepted_by=user_id))
+        await session.execute(
+            update(Invitation)
+            .where(Invitation.id == inv_id)
+            .values(accepted_by=user_id)
+        )
         m = await session.get(Membership, (partnership_id, user_id))
         if m is None:
-            session.add(Membership(partnership_id=partnership_id, user_id=user_id, role=role))
+            session.add(
+                Membership(partnership_id=partnership_id, user_id=user_id, role=role)
+            )
         room_id = (
-            await session.execute(select(Room.id).where(Room.partnership_id == partnership_id).order_by(Room.id))
-        ).scalars().first()
+            (
+                await session.execute(
+                    select(Room.id)
+                    .where(Room.partnership_id == partnership_id)
+                    .order_by(Room.id)
+                )
+            )
+            .scalars()
+            .first()
+        )
         return user_id, partnership_id, room_id
 
 

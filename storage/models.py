@@ -314,9 +314,13 @@ class DocumentUpdate(Base):
     __tablename__ = "document_updates"
     __table_args__ = (Index("ix_document_updates_doc_id", "document_id", "id"),)
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE")
+    )
     data: Mapped[bytes] = mapped_column(LargeBinary)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -342,7 +346,9 @@ class DocumentVersion(Base):
     )
     name: Mapped[str] = mapped_column(String(200))
     state: Mapped[bytes] = mapped_column(LargeBinary)
-    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

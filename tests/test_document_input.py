@@ -204,16 +204,16 @@ async def test_sync_step2_with_foreign_items_is_accepted(
     other.get("activities", type=pycrdt.Array).append(
         pycrdt.Map({"id": "restored", "title": "from a peer"})
     )
-    async with yclient(
-        strict, room.room_id, "agreement", await ana.token(room.room_id)
-    ) as watcher:
-        async with yclient(
-            strict, room.room_id, "agreement", await lars.token(room.room_id)
-        ) as c:
-            await c.ws.send(create_sync_step2(other.get_update()))
-            await watcher.wait_for(
-                lambda: "restored" in [a["id"] for a in watcher.activities()]
-            )
+    async with (
+        yclient(
+            strict, room.room_id, "agreement", await ana.token(room.room_id)
+        ) as watcher,
+        yclient(strict, room.room_id, "agreement", await lars.token(room.room_id)) as c,
+    ):
+        await c.ws.send(create_sync_step2(other.get_update()))
+        await watcher.wait_for(
+            lambda: "restored" in [a["id"] for a in watcher.activities()]
+        )
 
 
 def test_mutations_are_really_refused_by_pycrdt() -> None:

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def own(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def own(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A server these tests stop and kill, with quick compaction and projection."""
     with dedicated_server(
         backend,
@@ -48,14 +50,21 @@ async def test_kill_9_keeps_every_update_a_client_received(own: ServerProcess) -
     """kill -9 during a stream of edits: all that any client received is in storage."""
     async with World.create(own, members=2) as world:
         ana, lars = world.members
-        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as a, yclient(
-            own, world.room_id, "agreement", await lars.token(world.room_id)
-        ) as b:
+        async with (
+            yclient(
+                own, world.room_id, "agreement", await ana.token(world.room_id)
+            ) as a,
+            yclient(
+                own, world.room_id, "agreement", await lars.token(world.room_id)
+            ) as b,
+        ):
 
             async def stream() -> None:
                 with contextlib.suppress(Exception):
                     for i in range(5000):
-                        await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
+                        await a.edit(
+                            lambda d, i=i: d.get("log", type=pycrdt.Array).append(i)
+                        )
                         if i % 10 == 0:
                             await asyncio.sleep(0)
 
@@ -67,7 +76,9 @@ async def test_kill_9_keeps_every_update_a_client_received(own: ServerProcess) -
             received.apply_update(b.doc.get_update())
         assert len(b.updates_received) >= 200
         own.start()
-        async with yclient(own, world.room_id, "agreement", await lars.token(world.room_id)) as fresh:
+        async with yclient(
+            own, world.room_id, "agreement", await lars.token(world.room_id)
+        ) as fresh:
             assert covered(fresh.doc, received), "an update a client received was lost"
 
 
@@ -75,28 +86,40 @@ async def test_restart_reloads_the_same_state(own: ServerProcess) -> None:
     """After a graceful restart the document reloads equal to what clients had."""
     async with World.create(own, members=2) as world:
         ana = world.members[0]
-        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as a:
+        async with yclient(
+            own, world.room_id, "agreement", await ana.token(world.room_id)
+        ) as a:
             for i in range(120):  # more than the compaction threshold
                 await a.edit(add_activity(f"act-{i}", title=f"Activity {i}"))
-            await a.edit(lambda d: d.get("meta", type=pycrdt.Map).update({"title": "Signed"}))
+            await a.edit(
+                lambda d: d.get("meta", type=pycrdt.Map).update({"title": "Signed"})
+            )
             before = a.doc.get_update()
             await asyncio.sleep(0.3)
         own.stop()
         own.start()
-        async with yclient(own, world.room_id, "agreement", await ana.token(world.room_id)) as b:
+        async with yclient(
+            own, world.room_id, "agreement", await ana.token(world.room_id)
+        ) as b:
             expected = pycrdt.Doc()
             expected.apply_update(before)
             assert covered(b.doc, expected) and covered(expected, b.doc)
             assert len(b.activities()) == 120
 
 
-async def test_compaction_folds_the_log_into_a_snapshot(own: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_compaction_folds_the_log_into_a_snapshot(
+    own: ServerProcess, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     """Past the threshold the log is folded into a snapshot; loading gives the same state."""
     async with World.create(own, members=1) as world:
         ana = world.members[0]
-        async with yclient(own, world.room_id, "compact", await ana.token(world.room_id)) as a:
+        async with yclient(
+            own, world.room_id, "compact", await ana.token(world.room_id)
+        ) as a:
             for i in range(200):
-                await a.edit(lambda d, i=i: d.get("t", type=pycrdt.Text).insert(0, f"{i % 10}"))
+                await a.edit(
+                    lambda d, i=i: d.get("t", type=pycrdt.Text).insert(0, f"{i % 10}")
+                )
             text = str(a.doc.get("t", type=pycrdt.Text))
         engine = create_async_engine(own.database_url)
         try:
@@ -106,7 +129,8 @@ async def test_compaction_folds_the_log_into_a_snapshot(own: ServerProcess, tmp_
                         doc_id = (
                             await conn.execute(
                                 select(Document.id).where(
-                                    Document.room_id == world.room_id, Document.name == "compact"
+                                    Document.room_id == world.room_id,
+                                    Document.name == "compact",
                                 )
                             )
                         ).scalar_one()
@@ -131,24 +155,32 @@ async def test_compaction_folds_the_log_into_a_snapshot(own: ServerProcess, tmp_
                     await asyncio.sleep(0.1)
         finally:
             await engine.dispose()
-        async with yclient(own, world.room_id, "compact", await ana.token(world.room_id)) as b:
+        async with yclient(
+            own, world.room_id, "compact", await ana.token(world.room_id)
+        ) as b:
             assert str(b.doc.get("t", type=pycrdt.Text)) == text
 
 
-async def test_corrupt_storage_refuses_instead_of_serving_empty(own: ServerProcess) -> None:
+async def test_corrupt_storage_refuses_instead_of_serving_empty(
+    own: ServerProcess,
+) -> None:
     """A document whose stored log cannot load is refused (1013), never replaced by an empty one."""
     async with World.create(own, members=1) as world:
         ana = world.members[0]
-        async with yclient(own, world.room_id, "fragile", await ana.token(world.room_id)) as a:
+        async with yclient(
+            own, world.room_id, "fragile", await ana.token(world.room_id)
+        ) as a:
             await a.edit(lambda d: d.get("t", type=pycrdt.Text).insert(0, "precious"))
-        await asyncio.sleep(1.0)  # idle unload (0.5 s) so the next connection loads again
+        # Past the idle unload (0.5 s here), so the next connection loads it again.
+        await asyncio.sleep(1.0)
         engine = create_async_engine(own.database_url)
         try:
             async with engine.begin() as conn:
                 doc_id = (
                     await conn.execute(
                         select(Document.id).where(
-                            Document.room_id == world.room_id, Document.name == "fragile"
+                            Document.room_id == world.room_id,
+                            Document.name == "fragile",
                         )
                     )
                 ).scalar_one()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pycrdt
 import pytest
@@ -52,42 +53,52 @@ async def test_late_joiner_gets_the_stored_state(
 async def test_handshake_race_edits_arrive_exactly_once(
     server: ServerProcess, world: World
 ) -> None:
-    """Edits made while a client joins reach it once: in its sync step 2 or live, never both."""
+    """Edits made while clients join reach each of them once: in its sync step 2 or
+    live, never both and never neither."""
     ana, lars = world.members[:2]
     async with yclient(
         server, world.room_id, "race", await ana.token(world.room_id)
     ) as a:
-        stop = asyncio.Event()
+        joined = asyncio.Event()
 
         async def keep_editing() -> int:
-            n = 0
-            while not stop.is_set() or n < 50:
+            # Edit until every joiner is in, then 50 more.
+            n, extra = 0, 50
+            while extra:
                 await a.edit(lambda d, n=n: d.get("log", type=pycrdt.Array).append(n))
                 n += 1
+                if joined.is_set():
+                    extra -= 1
                 if n % 5 == 0:
                     await asyncio.sleep(0.001)
             return n
 
         writer = asyncio.create_task(keep_editing())
-        await asyncio.sleep(0.02)
-        joiners = []
-        for _ in range(3):
-            async with yclient(
-                server, world.room_id, "race", await lars.token(world.room_id)
-            ) as b:
-                await asyncio.sleep(0.05)
-                joiners.append(b)
-                if len(joiners) == 3:
-                    stop.set()
-                    total = await writer
-                    await b.wait_for(
-                        lambda b=b: len(b.doc.get("log", type=pycrdt.Array)) == total
+        async with contextlib.AsyncExitStack() as stack:
+            joiners = []
+            for _ in range(3):
+                await asyncio.sleep(0.02)
+                joiners.append(
+                    await stack.enter_async_context(
+                        yclient(
+                            server,
+                            world.room_id,
+                            "race",
+                            await lars.token(world.room_id),
+                        )
                     )
-        for b in joiners:
-            assert b.duplicates == 0, f"{b.duplicates} updates arrived twice"
-        assert sorted(joiners[-1].doc.get("log", type=pycrdt.Array).to_py()) == list(
-            range(total)
-        )
+                )
+            assert not writer.done(), "the joins must happen during the edits"
+            joined.set()
+            total = await writer
+            for b in joiners:
+                await b.wait_for(
+                    lambda b=b: len(b.doc.get("log", type=pycrdt.Array)) == total
+                )
+                assert b.duplicates == 0, f"{b.duplicates} updates arrived twice"
+                assert sorted(b.doc.get("log", type=pycrdt.Array).to_py()) == list(
+                    range(total)
+                )
 
 
 async def test_awareness_is_relayed_echoed_and_removed_on_disconnect(

@@ -42,6 +42,7 @@ class YClient:
         self.awareness_frames = 0
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.error: Exception | None = None
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._read())
@@ -77,8 +78,10 @@ class YClient:
                                 self.awareness[e.client_id] = e
                     case Auth(reason=reason):
                         self.denied.append(reason)
-        except Exception:  # noqa: BLE001 - the close code is read by the test
-            pass
+        except ConnectionClosed:
+            pass  # the close code is what the tests read
+        except Exception as exc:  # noqa: BLE001 - kept for the test to inspect
+            self.error = exc
         finally:
             self.closed.set()
 
