@@ -180,6 +180,13 @@ class Settings:
         "Updates waiting to be stored per document before edits are refused (1013).",
         default=10_000,
     )
+    max_documents_per_room: int = _help(
+        "Documents a room may have (the agreement and free-form ones); more are refused (4403).",
+        default=100,
+    )
+    max_doc_connections_per_user: int = _help(
+        "Open document sockets per user on one server process (4429 above).", default=20
+    )
     doc_idle_unload: float = _help(
         "Seconds a document stays loaded after its last connection leaves.",
         default=30.0,
@@ -237,6 +244,18 @@ class Settings:
         if len(key) < 32:
             raise SystemExit("COILROOM_SECRET_KEY must be at least 32 characters")
         return dataclasses.replace(self, database_url=url, secret_key=key)
+
+
+def settings_table() -> str:
+    """The README's settings table, made from the fields' help strings."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = "(generated)" if f.name == "secret_key" else f.default
+        rows.append(
+            f"| `COILROOM_{f.name.upper()}` | `{default if default != '' else '(empty)'}` "
+            f"| {f.metadata['help']} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def _convert(raw: str, kind: Any) -> Any:
@@ -406,6 +425,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     idle_unload=settings.doc_idle_unload,
                     compact_after_updates=settings.doc_compact_after_updates,
                     projection_delay=settings.projection_delay,
+                    max_documents_per_room=settings.max_documents_per_room,
+                    max_connections_per_user=settings.max_doc_connections_per_user,
                 ),
             ) as documents,
         ):
@@ -550,11 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-demo", action="store_true", help="do not create demo data")
     sub.add_parser("migrate", help="upgrade the database schema")
+    sub.add_parser("settings-table", help="print the README's table of settings")
     admin_cmd = sub.add_parser("create-admin", help="create an administrator")
     admin_cmd.add_argument("--email", required=True)
     admin_cmd.add_argument("--name", default="Administrator")
     args = parser.parse_args(argv)
 
+    if args.command == "settings-table":
+        print(settings_table(), end="")
+        return 0
     settings = Settings.from_environ()
     if args.command == "serve":
         if args.host:

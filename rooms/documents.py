@@ -75,6 +75,8 @@ class DocumentLimits:
     projection_delay: float = 1.0
     edit_event_interval: float = 60.0
     shutdown_store_timeout: float = 5.0
+    max_documents_per_room: int = 100
+    max_connections_per_user: int = 20
 
 
 @dataclass(eq=False, slots=True)
@@ -497,6 +499,7 @@ class DocumentRegistry:
         self._room_subscriptions: dict[int, contextlib.AsyncExitStack] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compactions: set[int] = set()
+        self._user_conns: dict[int, int] = {}
         self._janitor: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> DocumentRegistry:
@@ -536,13 +539,26 @@ class DocumentRegistry:
     ) -> AsyncIterator[tuple[LiveDocument, list[bytes]]]:
         """Attach a connection to the live document (loaded if needed) for the block;
         yields the document and the server's opening frames."""
-        doc = await self._acquire(room_id, name)
-        # No await between acquiring and attaching: an idle unload cannot slip in.
-        frames = doc.attach(conn)
+        if (
+            self._user_conns.get(conn.user_id, 0)
+            >= self.limits.max_connections_per_user
+        ):
+            raise RateLimited("too many document connections for this user")
+        self._user_conns[conn.user_id] = self._user_conns.get(conn.user_id, 0) + 1
         try:
-            yield doc, frames
+            doc = await self._acquire(room_id, name)
+            # No await between acquiring and attaching: an idle unload cannot slip in.
+            frames = doc.attach(conn)
+            try:
+                yield doc, frames
+            finally:
+                doc.detach(conn)
         finally:
-            doc.detach(conn)
+            left = self._user_conns[conn.user_id] - 1
+            if left:
+                self._user_conns[conn.user_id] = left
+            else:
+                del self._user_conns[conn.user_id]
 
     @contextlib.asynccontextmanager
     async def use(self, room_id: int, name: str) -> AsyncIterator[LiveDocument]:
@@ -587,8 +603,17 @@ class DocumentRegistry:
 
     async def _load(self, room_id: int, name: str) -> LiveDocument:
         try:
-            doc_id = await store.document_id(self.sessions, room_id, name)
+            doc_id = await store.document_id(
+                self.sessions,
+                room_id,
+                name,
+                max_per_room=self.limits.max_documents_per_room,
+            )
             stored = await store.load_document(self.sessions, doc_id)
+        except store.TooManyDocuments:
+            raise Forbidden(
+                f"this room has its {self.limits.max_documents_per_room} documents already"
+            ) from None
         except Exception:
             log.exception("loading document %s/%s failed", room_id, name)
             raise DocumentUnavailable() from None
@@ -641,10 +666,13 @@ class DocumentRegistry:
 
     async def _compact(self, doc: LiveDocument) -> None:
         try:
-            folded = await store.compact_document(
+            started_at = doc.stored_bytes
+            folded, snapshot_bytes = await store.compact_document(
                 self.sessions, doc.document_id, crdt.merge
             )
             doc.log_rows = max(0, doc.log_rows - folded)
+            # The snapshot replaces the folded log; what arrived meanwhile stays counted.
+            doc.stored_bytes = snapshot_bytes + (doc.stored_bytes - started_at)
             self.metrics.compactions.inc()
         except Exception:
             log.exception("compacting document %s/%s failed", doc.room_id, doc.name)

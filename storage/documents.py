@@ -42,8 +42,18 @@ class StoredDocument:
         return len(self.snapshot or b"") + sum(len(u) for u in self.updates)
 
 
-async def document_id(sessions: Sessions, room_id: int, name: str) -> int:
-    """The id of a room's document, created on first use."""
+class TooManyDocuments(Exception):
+    """The room already has as many documents as it may."""
+
+
+async def document_id(
+    sessions: Sessions, room_id: int, name: str, *, max_per_room: int | None = None
+) -> int:
+    """The id of a room's document, created on first use (up to ``max_per_room``).
+
+    Raises:
+        TooManyDocuments: creating it would pass ``max_per_room``.
+    """
     async with sessions() as session:
         found = (
             await session.execute(
@@ -56,6 +66,14 @@ async def document_id(sessions: Sessions, room_id: int, name: str) -> int:
             return int(found)
     try:
         async with sessions.begin() as session:
+            if max_per_room is not None:
+                count = (
+                    await session.execute(
+                        select(func.count()).where(Document.room_id == room_id)
+                    )
+                ).scalar_one()
+                if count >= max_per_room:
+                    raise TooManyDocuments
             doc = Document(room_id=room_id, name=name)
             session.add(doc)
             await session.flush()
@@ -115,8 +133,9 @@ async def append_updates(
 
 async def compact_document(
     sessions: Sessions, doc_id: int, merge: Callable[[Sequence[bytes]], bytes]
-) -> int:
-    """Fold every logged update into the snapshot; returns how many rows were folded.
+) -> tuple[int, int]:
+    """Fold every logged update into the snapshot; returns the rows folded and the
+    snapshot's size in bytes.
 
     ``merge`` combines updates into one (Yjs updates commute, so the order only
     matters for readability). Rows appended meanwhile stay in the log.
@@ -132,7 +151,7 @@ async def compact_document(
             )
         ).all()
         if not rows:
-            return 0
+            return 0, len(snap.state) if snap else 0
         parts = ([snap.state] if snap else []) + [bytes(r.data) for r in rows]
         state = merge(parts)
         last = rows[-1].id
@@ -149,7 +168,7 @@ async def compact_document(
                 DocumentUpdate.document_id == doc_id, DocumentUpdate.id <= last
             )
         )
-        return len(rows)
+        return len(rows), len(state)
 
 
 async def log_length(sessions: Sessions, doc_id: int) -> int:

@@ -3,6 +3,7 @@ document and every other connection carry on, and storage keeps only valid updat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import pycrdt
@@ -27,6 +28,8 @@ LIMITS = {
     "AWARENESS_PER_SECOND": "5",
     "DOC_UPDATES_PER_SECOND": "20",
     "DOC_UPDATE_BURST": "20",
+    "MAX_DOCUMENTS_PER_ROOM": "3",
+    "MAX_DOC_CONNECTIONS_PER_USER": "4",
 }
 
 
@@ -226,3 +229,35 @@ def test_mutations_are_really_refused_by_pycrdt() -> None:
             doc.apply_update(update)
         kinds.add(type(caught.value).__name__)
     assert kinds == {"ValueError", "RuntimeError"}
+
+
+async def test_document_count_per_room_is_limited(
+    strict: ServerProcess, room: World
+) -> None:
+    """A room may hold MAX_DOCUMENTS_PER_ROOM documents; one more is refused with 4403."""
+    ana = room.members[0]
+    token = await ana.token(room.room_id)
+    for name in ("agreement", "notes", "plan"):
+        async with yclient(strict, room.room_id, name, token):
+            pass
+    async with yclient(strict, room.room_id, "one-too-many", token, sync=False) as c:
+        assert await c.close_code() == 4403
+    async with yclient(strict, room.room_id, "notes", token) as again:
+        assert again.synced.is_set()  # existing documents still open
+
+
+async def test_document_connections_per_user_are_limited(
+    strict: ServerProcess, room: World
+) -> None:
+    """A user's fifth simultaneous document socket is refused with 4429."""
+    ana = room.members[0]
+    token = await ana.token(room.room_id)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(4):
+            await stack.enter_async_context(
+                yclient(strict, room.room_id, "agreement", token)
+            )
+        async with yclient(
+            strict, room.room_id, "agreement", token, sync=False
+        ) as fifth:
+            assert await fifth.close_code() == 4429
