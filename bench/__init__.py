@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.chat_fanout`` (see bench/README.md)."""
