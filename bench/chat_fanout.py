@@ -394,11 +394,16 @@ def fanout_relay(p: Params, profile: Path | None = None) -> FanoutResult:
         )
 
 
+# Extra server settings from --server-setting NAME=VALUE (to compare variants).
+EXTRA_SETTINGS: dict[str, str] = {}
+
+
 def server_settings(max_connections_per_user: int) -> dict[str, str]:
     return {
         "messages_per_second": "1000",
         "message_burst": "1000",
         "max_connections_per_user": str(max_connections_per_user),
+        **EXTRA_SETTINGS,
     }
 
 
@@ -675,6 +680,13 @@ def main() -> int:
         "--only", choices=["server", "relay", "idle"], help="one part only"
     )
     parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for this run, e.g. chat_linger=0.01 (repeatable)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="py-spy the server into this folder (perturbs the figures)",
@@ -699,6 +711,9 @@ def main() -> int:
         idle_users=10,
     )
     raise_nofile()
+    for item in args.server_setting:
+        name, _, value = item.partition("=")
+        EXTRA_SETTINGS[name.strip().lower()] = value.strip()
     started = dt.datetime.now(dt.UTC)
     info = machine()
     prof = args.profile
@@ -710,7 +725,7 @@ def main() -> int:
         else None
     )
     server = (
-        fanout_server(p, prof / "server-fanout.svg" if prof else None)
+        fanout_server(p, prof / "server-fanout.txt" if prof else None)
         if args.only in (None, "server")
         else None
     )
@@ -723,6 +738,7 @@ def main() -> int:
         "started": started.isoformat(),
         "quick": args.quick,
         "profiled": bool(prof),
+        "server_settings": dict(EXTRA_SETTINGS),
         "params": asdict(p),
         "machine": info,
         "git": git_state(),

@@ -61,8 +61,11 @@ def make_receiver(stats: Stats) -> Any:
     marker, marker_len = MARKER, len(MARKER)
 
     def on_text(sock: LeanSocket, buf: bytes, start: int, end: int, now: int) -> None:
+        # One frame may carry several messages (the server's "batch" frame): count
+        # every marker in it.
         i = buf.find(marker, start, end)
-        if i >= 0:
+        found = i >= 0
+        while i >= 0:
             j = buf.find(b":", i + marker_len, end)
             sent = int(buf[i + marker_len : j])
             latency = now - sent
@@ -79,9 +82,12 @@ def make_receiver(stats: Stats) -> Any:
             k = (now - t0) // width
             if 0 <= k < len(windows):
                 windows[k].received_in += 1
-        elif buf.startswith(b'{"type":"welcome"', start):
+            i = buf.find(marker, j, end)
+        if found:
+            return
+        if buf.startswith(b'{"type":"welcome"', start):
             stats.welcomes += 1
-        elif buf.startswith(b'{"type":"error"', start):
+        if buf.find(b'"type":"error"', start, end) >= 0:  # alone or inside a batch
             stats.errors += 1
             if len(stats.error_samples) < 5:
                 stats.error_samples.append(buf[start:end].decode(errors="replace"))

@@ -25,7 +25,7 @@ from rooms.endpoint import RoomServices
 from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAgainLater
 from rooms.limits import TokenBucket
 from rooms.outbox import Outbox
-from rooms.socket import serve_socket, unwrap
+from rooms.socket import frame_sender, serve_socket, unwrap
 from rooms.ysync import (
     Auth,
     AwarenessUpdate,
@@ -117,7 +117,7 @@ class DocSession:
 
     async def _pump_outbox(self) -> None:
         outbox = self.conn.outbox
-        send = self.ws.send
+        send = frame_sender(self.ws)
         while True:
             for _seq, frame in await outbox.get_batch():
                 await send({"type": "websocket.send", "bytes": frame})

@@ -9,17 +9,20 @@ Whichever ends first ends the other; leaving the room and presence happen on exi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 from starlette.websockets import WebSocket
 
 from rooms.access import Access, Authenticator
 from rooms.broker import Envelope
+from rooms.direct import direct_writer
 from rooms.errors import (
     BadMessage,
     MessageTooBig,
@@ -40,6 +43,7 @@ from rooms.messages import (
     Ping,
     Status,
     Typing,
+    create_batches,
     create_chat_change,
     create_chat_message,
     create_error,
@@ -49,13 +53,17 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
-from rooms.socket import parse_int, serve_socket, unwrap
+from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket, unwrap
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.events import EventRow
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+# A batch frame holds at most this many frames and characters (clients commonly
+# accept messages of 1 MiB).
+BATCH_FRAMES = 500
+BATCH_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +130,20 @@ class Connection:
             self.user,
             outbox=Outbox(self.limits.send_queue_frames),
             on_failure=self._scope.cancel,
+            on_queued=self._request_send,
         )
-        self._send = websocket.send  # raw ASGI send: the frame is already encoded
+        self._send = frame_sender(websocket)
+        self.direct = direct_writer(websocket.scope.get(RAW_SEND))
+        # Sending queued frames: written directly while the socket is writable,
+        # else by a pump task (started only then) that waits for it.
+        self._ready = False  # welcome and replay are out: live frames may follow
+        self._send_scheduled = False
+        self._pumping = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        metrics = services.metrics
+        self._frames_sent = metrics.frames_sent
+        self._sent_direct = metrics.socket_messages_sent.labels("direct")
+        self._sent_by_task = metrics.socket_messages_sent.labels("task")
 
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -139,11 +159,16 @@ class Connection:
                     await self._enter(room, after, edits_after)
                     try:
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(self._pump_outbox)
+                            self._tg = tg
+                            self._ready = True
+                            self._send_queued()  # what arrived during the welcome
                             await self._pump_inbox(room)
                             tg.cancel_scope.cancel()
                     except BaseExceptionGroup as group:
                         raise unwrap(group) from None
+                    finally:
+                        self._ready = False
+                        self._tg = None
                 except RoomError as error:
                     failure = error
                 finally:
@@ -157,10 +182,10 @@ class Connection:
             else:
                 # Let the client read the answers to what it sent (acks, errors)
                 # before the close frame that explains why it is being closed.
-                await self._flush()
+                await self._answer_before_close()
             raise failure
 
-    async def _flush(self) -> None:
+    async def _answer_before_close(self) -> None:
         with anyio.move_on_after(self.limits.close_timeout):
             if self.member.in_flight:
                 await self.member.settled.wait()
@@ -307,16 +332,53 @@ class Connection:
             }
         await hub.publish(self.room_id, Envelope(text=encode(frame)))
 
-    async def _pump_outbox(self) -> None:
-        outbox = self.member.outbox
+    def _request_send(self) -> None:
+        """Frames were queued: send them in a moment (once for a whole burst)."""
+        if self._ready and not self._send_scheduled and not self._pumping:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
+
+    def _send_queued(self) -> None:
+        self._send_scheduled = False
+        if not self._ready or self._pumping or self._tg is None:
+            return
+        messages = self._take_messages()
+        if self.direct is not None:
+            for i, text in enumerate(messages):
+                if not self.direct.try_write(text):
+                    messages = messages[i:]
+                    break
+                self._sent_direct.inc()
+            else:
+                return
+        if messages:
+            # Not writable now (or not uvicorn): a task waits for the socket.
+            self._pumping = True
+            self._tg.start_soon(self._pump, messages)
+
+    def _take_messages(self) -> list[str]:
+        """Everything queued, as WebSocket messages (batched when there are several)."""
+        floor = self.member.floor
+        # Chat sequences up to the floor were already sent from the database.
+        texts = [
+            t for seq, t in self.member.outbox.drain() if not (seq and seq <= floor)
+        ]
+        if not texts:
+            return []
+        self._frames_sent.inc(len(texts))
+        return create_batches(texts, max_frames=BATCH_FRAMES, max_chars=BATCH_CHARS)  # type: ignore[arg-type]
+
+    async def _pump(self, messages: list[str]) -> None:
+        """Send with waiting until the queue is empty; then direct sending resumes."""
         send = self._send
-        while True:
-            batch = await outbox.get_batch()
-            floor = self.member.floor
-            for seq, text in batch:
-                if seq and seq <= floor:
-                    continue  # already sent from the database during resume
-                await send({"type": "websocket.send", "text": text})  # type: ignore[typeddict-item]
+        try:
+            while messages:
+                for text in messages:
+                    await send({"type": "websocket.send", "text": text})
+                    self._sent_by_task.inc()
+                messages = self._take_messages()
+        finally:
+            self._pumping = False
 
     async def _pump_inbox(self, room: LocalRoom) -> None:
         receive = self.ws.receive

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rooms.broker import Broker, Envelope
 from rooms.errors import Forbidden, RoomError, SlowConsumer
@@ -33,6 +32,7 @@ from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
 from rooms.presence import PresenceUser
 from storage.chat import ChatEditRefused, NewMessage, append_messages, change_message
+from storage.database import Database
 from storage.events import EventRow, insert_events
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class Member:
     # Chat requests handed to the writer and not yet answered (ack or error).
     in_flight: int = 0
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Told when frames are queued, so the connection sends them soon (once per
+    # burst, not per frame).
+    on_queued: Callable[[], None] | None = None
 
     def offer(self, text: str, seq: int = 0) -> None:
         """Queue a frame for this connection without waiting."""
@@ -64,6 +67,9 @@ class Member:
             self.outbox.put(text, seq)
         except OutboxFull:
             self.fail(SlowConsumer())
+            return
+        if self.on_queued is not None:
+            self.on_queued()
 
     def submitted(self) -> None:
         self.in_flight += 1
@@ -101,10 +107,12 @@ class ChatWriter:
         *,
         max_queue: int,
         max_batch: int,
+        linger: float = 0.0,
     ) -> None:
         self.room = room
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.linger = linger
         self._queue: deque[ChatRequest] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -136,6 +144,15 @@ class ChatWriter:
                 if queue[0].kind != "send":
                     await self._write_change(queue.popleft())
                     continue
+                if (
+                    self.linger > 0
+                    and len(queue) < self.max_batch
+                    and not self._stopping
+                ):
+                    # Linger a moment so a busy room's messages share one commit and
+                    # reach each member as one frame (Kafka's linger.ms): a few
+                    # milliseconds of latency for far fewer transactions and sends.
+                    await asyncio.sleep(self.linger)
                 # Group commit: every send already waiting, up to the batch limit,
                 # goes into one transaction (in arrival order).
                 batch: list[ChatRequest] = []
@@ -151,7 +168,7 @@ class ChatWriter:
         names = {r.member.user.id: r.member.user.name for r in batch}
         try:
             stored = await append_messages(
-                hub.sessions,
+                hub.db,
                 room.room_id,
                 [
                     NewMessage(r.member.user.id, r.client_id or "", r.text or "")
@@ -256,7 +273,10 @@ class LocalRoom:
         self.closed = False
         self.started = False
         self.chat = ChatWriter(
-            self, max_queue=hub.chat_queue_size, max_batch=hub.chat_batch_size
+            self,
+            max_queue=hub.chat_queue_size,
+            max_batch=hub.chat_batch_size,
+            linger=hub.chat_linger,
         )
         self._stack = contextlib.AsyncExitStack()
 
@@ -294,18 +314,21 @@ class RoomHub:
     def __init__(
         self,
         *,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         broker: Broker,
         metrics: Metrics,
         chat_queue_size: int = 1000,
         chat_batch_size: int = 100,
+        chat_linger: float = 0.0,
         event_queue_size: int = 10_000,
     ) -> None:
-        self.sessions = sessions
+        self.db = db
+        self.sessions = db.sessions
         self.broker = broker
         self.metrics = metrics
         self.chat_queue_size = chat_queue_size
         self.chat_batch_size = chat_batch_size
+        self.chat_linger = chat_linger
         self._rooms: dict[int, LocalRoom] = {}
         self._user_connections: dict[int, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

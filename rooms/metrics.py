@@ -66,6 +66,16 @@ class Metrics:
         self.internal_errors = Counter(
             "coilroom_internal_errors", "Unexpected server errors", registry=r
         )
+        self.frames_sent = Counter(
+            "coilroom_frames_sent", "Frames queued to room sockets and sent", registry=r
+        )
+        self.socket_messages_sent = Counter(
+            "coilroom_socket_messages_sent",
+            "WebSocket messages sent on room sockets (a batch carries several frames), "
+            "written directly or by a task that waited for a slow socket",
+            ["path"],
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "coilroom_slow_consumers",
             "Connections closed because their queue was full",

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from rooms.access import Access
@@ -31,6 +32,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Session = Callable[[Access, str], Awaitable[None]]
+
+# Where ``RawSend`` keeps the server's own ASGI send for a socket.
+RAW_SEND = "coilroom.raw_send"
+
+
+class RawSend:
+    """Keep the server's ASGI ``send`` of each WebSocket in its scope.
+
+    Starlette wraps ``send`` twice on the way to an endpoint (exception handling)
+    and checks the socket state on every call; the send pumps write data frames
+    through the unwrapped one, which matters at tens of thousands of frames a
+    second. Accepting and closing still go through Starlette's ``WebSocket``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def frame_sender(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    """The fastest way to send data frames on this socket; a vanished client raises
+    ``WebSocketDisconnect`` as Starlette's own send does."""
+    raw = websocket.scope.get(RAW_SEND)
+    if raw is None:
+        return websocket.send  # type: ignore[return-value]
+
+    async def send(message: dict[str, Any]) -> None:
+        try:
+            await raw(message)
+        except OSError:  # uvicorn's ClientDisconnected
+            raise WebSocketDisconnect(1006) from None
+
+    return send
 
 
 def parse_int(value: str | None) -> int | None:

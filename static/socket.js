@@ -130,19 +130,25 @@ export class RoomConnection {
       } catch {
         return;
       }
-      if (!frame || typeof frame.type !== "string" || frame.type === "pong") return;
-      if (frame.type === "welcome") {
-        this.welcomed = true;
-        this.welcomedAt = Date.now();
-      }
-      this.handlers.onFrame(frame);
-      if (frame.type === "welcome") this.handlers.onState("open", {});
+      // Under load the server sends what is queued for us as one "batch" frame.
+      const frames = frame && frame.type === "batch" && Array.isArray(frame.frames) ? frame.frames : [frame];
+      for (const one of frames) this._dispatch(one);
     };
     ws.onerror = () => {}; // a close event follows
     ws.onclose = (event) => {
       if (ws !== this.ws) return;
       this._closed(event.code, event.reason);
     };
+  }
+
+  _dispatch(frame) {
+    if (!frame || typeof frame.type !== "string" || frame.type === "pong") return;
+    if (frame.type === "welcome") {
+      this.welcomed = true;
+      this.welcomedAt = Date.now();
+    }
+    this.handlers.onFrame(frame);
+    if (frame.type === "welcome") this.handlers.onState("open", {});
   }
 
   _beat(ws) {

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.database import Database
 from storage.models import ActivityEvent, ChatMessage, Membership, Room, User, utcnow
 
 
@@ -40,7 +41,7 @@ class StoredMessage:
 
 
 async def append_messages(
-    sessions: async_sessionmaker[AsyncSession],
+    db: Database,
     room_id: int,
     batch: Sequence[NewMessage],
     author_names: dict[int, str],
@@ -50,64 +51,126 @@ async def append_messages(
     A message whose ``(author, client_id)`` is already stored (a retry) is not
     stored again: its result is the original, flagged ``duplicate``.
     """
-    async with sessions.begin() as session:
-        keys = {(m.author_id, m.client_id) for m in batch}
-        rows = await session.execute(
-            select(ChatMessage).where(
-                ChatMessage.room_id == room_id,
-                tuple_(ChatMessage.author_id, ChatMessage.client_id).in_(list(keys)),
-            )
+    return await db.transact(lambda conn: _append(conn, room_id, batch, author_names))
+
+
+# Built once: the hot path then only binds values (no statement construction or
+# cache-key work per message batch).
+_EXISTING = select(
+    ChatMessage.seq,
+    ChatMessage.author_id,
+    ChatMessage.client_id,
+    ChatMessage.text,
+    ChatMessage.created_at,
+    ChatMessage.edited_at,
+    ChatMessage.deleted_at,
+    ChatMessage.edit_seq,
+).where(
+    ChatMessage.room_id == bindparam("room"),
+    # Expanding INs keep one statement for any batch size; the exact pairs are
+    # picked in Python. (A row-value IN would make SQLite scan the whole room.)
+    ChatMessage.author_id.in_(bindparam("authors", expanding=True)),
+    ChatMessage.client_id.in_(bindparam("clients", expanding=True)),
+)
+_ADVANCE = (
+    update(Room)
+    .where(Room.id == bindparam("room"))
+    .values(last_seq=Room.last_seq + bindparam("n"))
+    .returning(Room.last_seq)
+)
+_INSERT_MESSAGES = insert(ChatMessage)
+_INSERT_EVENTS = insert(ActivityEvent)
+
+
+def _append(
+    conn: Connection,
+    room_id: int,
+    batch: Sequence[NewMessage],
+    author_names: dict[int, str],
+) -> list[StoredMessage]:
+    keys = list({(m.author_id, m.client_id) for m in batch})
+    # Core statements, not the ORM: this is the hot path of every message.
+    rows = conn.execute(
+        _EXISTING,
+        {
+            "room": room_id,
+            "authors": sorted({a for a, _ in keys}),
+            "clients": sorted({c for _, c in keys}),
+        },
+    )
+    wanted = set(keys)
+    existing = {
+        (r.author_id, r.client_id): StoredMessage(
+            seq=r.seq,
+            client_id=r.client_id,
+            author_id=r.author_id,
+            author_name=author_names.get(r.author_id),
+            text="" if r.deleted_at else r.text,
+            created_at=r.created_at,
+            edited_at=r.edited_at,
+            deleted=r.deleted_at is not None,
+            edit_seq=r.edit_seq,
+            duplicate=True,
         )
-        existing = {(r.author_id, r.client_id): r for r in rows.scalars()}
-        fresh: list[NewMessage] = []
-        seen: set[tuple[int, str]] = set()
-        for m in batch:
-            key = (m.author_id, m.client_id)
-            if key not in existing and key not in seen:
-                seen.add(key)
-                fresh.append(m)
-        created: dict[tuple[int, str], ChatMessage] = {}
-        if fresh:
-            last = (
-                await session.execute(
-                    update(Room)
-                    .where(Room.id == room_id)
-                    .values(last_seq=Room.last_seq + len(fresh))
-                    .returning(Room.last_seq)
-                )
-            ).scalar_one()
-            now = utcnow()
-            first = last - len(fresh) + 1
-            for i, m in enumerate(fresh):
-                row = ChatMessage(
-                    room_id=room_id,
-                    seq=first + i,
-                    author_id=m.author_id,
-                    client_id=m.client_id,
-                    text=m.text,
-                    created_at=now,
-                )
-                created[(m.author_id, m.client_id)] = row
-                session.add(row)
-                session.add(
-                    ActivityEvent(
-                        room_id=room_id,
-                        user_id=m.author_id,
-                        kind="message",
-                        at=now,
-                        details={"seq": first + i, "chars": len(m.text)},
-                    )
-                )
+        for r in rows
+        if (r.author_id, r.client_id) in wanted
+    }
+    fresh: dict[tuple[int, str], NewMessage] = {}
+    for m in batch:
+        key = (m.author_id, m.client_id)
+        if key not in existing and key not in fresh:
+            fresh[key] = m
+    created: dict[tuple[int, str], StoredMessage] = {}
+    if fresh:
+        last = conn.execute(_ADVANCE, {"room": room_id, "n": len(fresh)}).scalar_one()
+        now = utcnow()
+        first = last - len(fresh) + 1
+        message_rows, event_rows = [], []
+        for i, (key, m) in enumerate(fresh.items()):
+            message_rows.append(
+                {
+                    "room_id": room_id,
+                    "seq": first + i,
+                    "author_id": m.author_id,
+                    "client_id": m.client_id,
+                    "text": m.text,
+                    "created_at": now,
+                }
+            )
+            event_rows.append(
+                {
+                    "room_id": room_id,
+                    "user_id": m.author_id,
+                    "kind": "message",
+                    "at": now,
+                    "details": {"seq": first + i, "chars": len(m.text)},
+                }
+            )
+            created[key] = StoredMessage(
+                seq=first + i,
+                client_id=m.client_id,
+                author_id=m.author_id,
+                author_name=author_names.get(m.author_id),
+                text=m.text,
+                created_at=now,
+                edited_at=None,
+                deleted=False,
+                edit_seq=None,
+            )
+        conn.execute(_INSERT_MESSAGES, message_rows)
+        conn.execute(_INSERT_EVENTS, event_rows)
     results = []
     answered: set[tuple[int, str]] = set()
     for m in batch:
         key = (m.author_id, m.client_id)
-        name = author_names.get(m.author_id)
         if key in existing:
-            results.append(_stored(existing[key], name, duplicate=True))
+            results.append(existing[key])
         else:
             # Later copies of one client id within the batch are retries too.
-            results.append(_stored(created[key], name, duplicate=key in answered))
+            stored = created[key]
+            results.append(
+                replace(stored, duplicate=True) if key in answered else stored
+            )
             answered.add(key)
     return results
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, text
+import anyio
+import anyio.to_thread
+from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -21,18 +24,42 @@ from sqlalchemy.ext.asyncio import (
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class Database:
-    """The engine and its session factory; one per process."""
+    """The engine and its session factory; one per process.
+
+    ``transact`` runs a whole transaction of synchronous Core code in one go. On
+    SQLite that happens in a worker thread over the standard ``sqlite3`` driver: one
+    thread hop per transaction, where the async driver hops to its thread for every
+    cursor call (a dozen or more per transaction, each a GIL hand-off). The hot write
+    paths (chat messages, document updates) use it.
+    """
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    sync_engine: Engine | None = None
+    limiter: anyio.CapacityLimiter | None = None
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    async def transact(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)`` in one transaction: committed if it returns."""
+        if self.sync_engine is not None:
+            return await anyio.to_thread.run_sync(
+                self._transact_sync, work, limiter=self.limiter
+            )
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(work)
+
+    def _transact_sync(self, work: Callable[[Connection], T]) -> T:
+        assert self.sync_engine is not None
+        with self.sync_engine.begin() as conn:
+            return work(conn)
 
     async def ping(self) -> None:
         """Run a trivial query; raises if the database cannot be reached."""
@@ -76,10 +103,24 @@ async def open_database(
 ) -> AsyncIterator[Database]:
     """Open the database for the lifetime of the block; disposes the pool on exit."""
     engine = create_engine(url, sqlite_synchronous=sqlite_synchronous)
+    sync_engine = None
+    if engine.dialect.name == "sqlite":
+        sync_url = make_url(url).set(drivername="sqlite")
+        sync_engine = sa_create_engine(sync_url, pool_size=4, max_overflow=4)
+        event.listen(
+            sync_engine, "connect", _sqlite_pragmas(sqlite_synchronous.upper())
+        )
     try:
-        yield Database(engine, async_sessionmaker(engine, expire_on_commit=False))
+        yield Database(
+            engine,
+            async_sessionmaker(engine, expire_on_commit=False),
+            sync_engine,
+            anyio.CapacityLimiter(4),
+        )
     finally:
         await engine.dispose()
+        if sync_engine is not None:
+            sync_engine.dispose()
 
 
 def run_migrations(url: str, revision: str = "head") -> None:

@@ -273,13 +273,22 @@ class Socket:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.welcome: dict[str, Any] = {}
+        self._pending: list[dict[str, Any]] = []
+        self.batches = 0  # batch frames seen (several frames in one message)
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        return dict(json.loads(raw))
+        """The next frame; the frames of a ``batch`` come out one by one."""
+        if not self._pending:
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+            if frame.get("type") == "batch":
+                self.batches += 1
+                self._pending.extend(frame["frames"])
+            else:
+                self._pending.append(frame)
+        return dict(self._pending.pop(0))
 
     async def recv_until(
         self, type_: str, timeout: float = TIMEOUT, **match: Any
