@@ -51,6 +51,9 @@ async def test_metrics_count_connections_messages_and_errors(
         value(before, "coilroom_chat_messages_stored_total") + 1
     )
     assert 'coilroom_client_errors_total{code="invalid_message"}' in after
+    # Frames go straight to the socket while it is writable (rooms/direct.py): if a
+    # uvicorn upgrade broke that fast path, every send would fall back to a task.
+    assert value(after, 'coilroom_socket_messages_sent_total{path="direct"}') > 0
     assert "coilroom_chat_commit_seconds_bucket" in after
     assert value(after, "coilroom_chat_commit_seconds_count") >= 1
 

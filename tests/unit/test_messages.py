@@ -107,3 +107,20 @@ def test_random_bytes_never_escape_the_documented_errors() -> None:
         raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
         with contextlib.suppress(NotJSON, InvalidMessage):
             parse_client_message(raw, max_text_chars=10)
+
+
+def test_batches_group_frames_within_limits() -> None:
+    """Queued frames become batch frames; a lone frame stays itself; limits split them."""
+    from rooms.messages import create_batches
+
+    one = json.dumps({"type": "pong"})
+    assert create_batches([one], max_frames=10, max_chars=1000) == [one]
+    frames = [json.dumps({"type": "chat.ack", "id": f"c{i}", "seq": i}) for i in range(7)]
+    out = create_batches(frames, max_frames=3, max_chars=10_000)
+    assert len(out) == 3
+    decoded = [json.loads(m) for m in out]
+    assert [d["type"] for d in decoded] == ["batch", "batch", "chat.ack"]
+    flat = [f for d in decoded for f in (d["frames"] if d["type"] == "batch" else [d])]
+    assert [f["seq"] for f in flat] == list(range(7))
+    by_size = create_batches(frames, max_frames=100, max_chars=len(frames[0]) * 2 + 2)
+    assert all(len(json.loads(m).get("frames", [None])) <= 2 for m in by_size)
