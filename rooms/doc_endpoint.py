@@ -25,7 +25,8 @@ from rooms.endpoint import RoomServices
 from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAgainLater
 from rooms.limits import TokenBucket
 from rooms.outbox import Outbox
-from rooms.socket import frame_sender, serve_socket, unwrap
+from rooms.sending import QueuedSender, direct_writer
+from rooms.socket import RAW_SEND, frame_sender, serve_socket, unwrap
 from rooms.ysync import (
     Auth,
     AwarenessUpdate,
@@ -84,6 +85,14 @@ class DocSession:
         self.bucket = TokenBucket(
             self.limits.updates_per_second, self.limits.update_burst
         )
+        metrics = services.metrics
+        self.sender = QueuedSender(
+            direct=direct_writer(websocket.scope.get(RAW_SEND)),
+            send=frame_sender(websocket),
+            take=self._take_frames,
+            sent=metrics.doc_messages_sent,
+        )
+        self.conn.on_queued = self.sender.request
 
     async def run(self) -> None:
         conn = self.conn
@@ -100,11 +109,13 @@ class DocSession:
                 with self._scope:
                     try:
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(self._pump_outbox)
+                            self.sender.start(tg)
                             await self._pump_inbox(doc)
                             tg.cancel_scope.cancel()
                     except BaseExceptionGroup as group:
                         raise unwrap(group) from None
+                    finally:
+                        self.sender.stop()
             except RoomError as error:
                 failure = error
             finally:
@@ -115,12 +126,9 @@ class DocSession:
                 metrics.slow_consumers.inc()
             raise failure
 
-    async def _pump_outbox(self) -> None:
-        outbox = self.conn.outbox
-        send = frame_sender(self.ws)
-        while True:
-            for _seq, frame in await outbox.get_batch():
-                await send({"type": "websocket.send", "bytes": frame})
+    def _take_frames(self) -> list[bytes]:
+        # One y-websocket message per frame (the protocol has no batches).
+        return [frame for _seq, frame in self.conn.outbox.drain()]  # type: ignore[misc]
 
     async def _pump_inbox(self, doc: LiveDocument) -> None:
         receive = self.ws.receive

@@ -92,6 +92,7 @@ class DocConnection:
     live: bool = False
     client_id: int | None = None  # the awareness client this connection speaks for
     failure: RoomError | None = None
+    on_queued: Callable[[], None] | None = None  # told when frames are queued
     awareness_bucket: TokenBucket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,9 @@ class DocConnection:
             self.outbox.put(frame)
         except OutboxFull:
             self.fail(TryAgainLater("send queue full: reconnect and resync"))
+            return
+        if self.on_queued is not None:
+            self.on_queued()
 
     def fail(self, error: RoomError) -> None:
         if self.failure is None:

@@ -9,7 +9,6 @@ Whichever ends first ends the other; leaving the room and presence happen on exi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from starlette.websockets import WebSocket
 
 from rooms.access import Access, Authenticator
 from rooms.broker import Envelope
-from rooms.direct import direct_writer
 from rooms.errors import (
     BadMessage,
     MessageTooBig,
@@ -53,6 +51,7 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
+from rooms.sending import QueuedSender, direct_writer
 from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket, unwrap
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.events import EventRow
@@ -130,20 +129,16 @@ class Connection:
             self.user,
             outbox=Outbox(self.limits.send_queue_frames),
             on_failure=self._scope.cancel,
-            on_queued=self._request_send,
         )
         self._send = frame_sender(websocket)
-        self.direct = direct_writer(websocket.scope.get(RAW_SEND))
-        # Sending queued frames: written directly while the socket is writable,
-        # else by a pump task (started only then) that waits for it.
-        self._ready = False  # welcome and replay are out: live frames may follow
-        self._send_scheduled = False
-        self._pumping = False
-        self._tg: anyio.abc.TaskGroup | None = None
-        metrics = services.metrics
-        self._frames_sent = metrics.frames_sent
-        self._sent_direct = metrics.socket_messages_sent.labels("direct")
-        self._sent_by_task = metrics.socket_messages_sent.labels("task")
+        self._frames_sent = services.metrics.frames_sent
+        self.sender = QueuedSender(
+            direct=direct_writer(websocket.scope.get(RAW_SEND)),
+            send=self._send,
+            take=self._take_messages,
+            sent=services.metrics.socket_messages_sent,
+        )
+        self.member.on_queued = self.sender.request
 
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -159,16 +154,13 @@ class Connection:
                     await self._enter(room, after, edits_after)
                     try:
                         async with anyio.create_task_group() as tg:
-                            self._tg = tg
-                            self._ready = True
-                            self._send_queued()  # what arrived during the welcome
+                            self.sender.start(tg)  # with what arrived meanwhile
                             await self._pump_inbox(room)
                             tg.cancel_scope.cancel()
                     except BaseExceptionGroup as group:
                         raise unwrap(group) from None
                     finally:
-                        self._ready = False
-                        self._tg = None
+                        self.sender.stop()
                 except RoomError as error:
                     failure = error
                 finally:
@@ -332,30 +324,6 @@ class Connection:
             }
         await hub.publish(self.room_id, Envelope(text=encode(frame)))
 
-    def _request_send(self) -> None:
-        """Frames were queued: send them in a moment (once for a whole burst)."""
-        if self._ready and not self._send_scheduled and not self._pumping:
-            self._send_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_queued)
-
-    def _send_queued(self) -> None:
-        self._send_scheduled = False
-        if not self._ready or self._pumping or self._tg is None:
-            return
-        messages = self._take_messages()
-        if self.direct is not None:
-            for i, text in enumerate(messages):
-                if not self.direct.try_write(text):
-                    messages = messages[i:]
-                    break
-                self._sent_direct.inc()
-            else:
-                return
-        if messages:
-            # Not writable now (or not uvicorn): a task waits for the socket.
-            self._pumping = True
-            self._tg.start_soon(self._pump, messages)
-
     def _take_messages(self) -> list[str]:
         """Everything queued, as WebSocket messages (batched when there are several)."""
         floor = self.member.floor
@@ -367,18 +335,6 @@ class Connection:
             return []
         self._frames_sent.inc(len(texts))
         return create_batches(texts, max_frames=BATCH_FRAMES, max_chars=BATCH_CHARS)  # type: ignore[arg-type]
-
-    async def _pump(self, messages: list[str]) -> None:
-        """Send with waiting until the queue is empty; then direct sending resumes."""
-        send = self._send
-        try:
-            while messages:
-                for text in messages:
-                    await send({"type": "websocket.send", "text": text})
-                    self._sent_by_task.inc()
-                messages = self._take_messages()
-        finally:
-            self._pumping = False
 
     async def _pump_inbox(self, room: LocalRoom) -> None:
         receive = self.ws.receive

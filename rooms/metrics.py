@@ -76,6 +76,13 @@ class Metrics:
             ["path"],
             registry=r,
         )
+        self.doc_messages_sent = Counter(
+            "coilroom_document_messages_sent",
+            "y-websocket messages sent on document sockets, written directly or by a "
+            "task that waited for a slow socket",
+            ["path"],
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "coilroom_slow_consumers",
             "Connections closed because their queue was full",
