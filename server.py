@@ -40,13 +40,13 @@ from rooms import (
     Metrics,
     RoomHub,
     RoomServices,
+    SocketFront,
     SocketLimits,
     open_broker,
     open_presence,
 )
-from rooms import (
-    routes as room_routes,
-)
+from rooms import routes as room_routes
+from rooms import sockets as room_sockets
 from rooms.access import configure_password_hashing
 from rooms.http import (
     ApiError,
@@ -56,7 +56,6 @@ from rooms.http import (
     internal_error_handler,
     json_response,
 )
-from rooms.socket import RawSend
 from storage import open_database, run_migrations
 
 log = logging.getLogger("coilroom")
@@ -387,7 +386,7 @@ async def not_found(request: Request, exc: Exception) -> Response:
     return await http_error_handler(request, exc)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> SocketFront:
     """Build the ASGI app. Resources open in the lifespan and close in reverse order."""
     settings = (settings or Settings.from_environ()).resolved()
     configure_password_hashing(
@@ -495,8 +494,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.metrics = app_metrics
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(RawSend)
-    return app
+    return SocketFront(app, room_sockets)
 
 
 # -- command line ----------------------------------------------------------------------
@@ -654,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         ws="websockets-sansio",
+        # No permessage-deflate: a compression context per socket costs hundreds of
+        # KiB and CPU for every frame, for small JSON frames and CRDT updates.
+        ws_per_message_deflate=False,
         # Our own limits are checked per socket; this only stops uvicorn buffering more.
         ws_max_size=max(settings.max_frame_bytes, settings.doc_max_frame_bytes),
         ws_ping_interval=settings.heartbeat_interval,

@@ -1,7 +1,5 @@
 """Rooms and the people in them: access, presence, chat, fan-out, and their HTTP API."""
 
-from starlette.routing import WebSocketRoute
-
 from rooms.access import Authenticator
 from rooms.account_routes import routes as _account_routes
 from rooms.admin_routes import routes as _admin_routes
@@ -15,14 +13,14 @@ from rooms.hub import RoomHub
 from rooms.limits import FailureWindow
 from rooms.metrics import Metrics
 from rooms.presence import MemoryPresence, PresenceStore, open_presence
+from rooms.socket import SocketFront
 
-routes = [
-    *_account_routes,
-    *_admin_routes,
-    *_document_routes,
-    WebSocketRoute("/ws/rooms/{room_id:int}", room_socket),
-    WebSocketRoute("/ws/docs/{room_id:int}/{doc_name}", doc_socket),
-]
+routes = [*_account_routes, *_admin_routes, *_document_routes]
+# Served by SocketFront, ahead of the HTTP middleware and routing.
+sockets = {
+    "/ws/rooms/{room_id}": room_socket,
+    "/ws/docs/{room_id}/{doc_name}": doc_socket,
+}
 
 __all__ = [
     "Authenticator",
@@ -38,10 +36,12 @@ __all__ = [
     "PresenceStore",
     "RoomHub",
     "RoomServices",
+    "SocketFront",
     "SocketLimits",
     "doc_socket",
     "open_broker",
     "open_presence",
     "room_socket",
     "routes",
+    "sockets",
 ]

@@ -179,8 +179,7 @@ class Connection:
 
     async def _answer_before_close(self) -> None:
         with anyio.move_on_after(self.limits.close_timeout):
-            if self.member.in_flight:
-                await self.member.settled.wait()
+            await self.member.wait_answered()
             for _seq, text in self.member.outbox.drain():
                 await self.send_text(text)
 

@@ -56,7 +56,7 @@ class Member:
     failure: RoomError | None = None
     # Chat requests handed to the writer and not yet answered (ack or error).
     in_flight: int = 0
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event | None = None  # made only when someone waits for it
     # Told when frames are queued, so the connection sends them soon (once per
     # burst, not per frame).
     on_queued: Callable[[], None] | None = None
@@ -73,12 +73,18 @@ class Member:
 
     def submitted(self) -> None:
         self.in_flight += 1
-        self.settled.clear()
 
     def answered(self) -> None:
         self.in_flight -= 1
-        if self.in_flight <= 0:
+        if self.in_flight <= 0 and self.settled is not None:
             self.settled.set()
+
+    async def wait_answered(self) -> None:
+        """Until every submitted chat request has its ack or error."""
+        if self.in_flight > 0:
+            self.settled = self.settled or asyncio.Event()
+            self.settled.clear()
+            await self.settled.wait()
 
     def fail(self, error: RoomError) -> None:
         """End this connection with ``error``'s close code (first failure wins)."""

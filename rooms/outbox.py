@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-
 # Text frames (room socket, JSON) or binary frames (document socket, y-websocket).
 Frame = str | bytes
 
@@ -18,48 +15,34 @@ class Outbox:
 
     ``put`` never blocks: fan-out must not wait for a slow client. When the queue
     holds ``max_frames`` the caller gets ``OutboxFull`` and ends that connection.
+    The sender takes everything at once (``drain``) when it writes. A plain list:
+    an idle connection's empty queue should cost next to nothing.
     """
 
-    __slots__ = ("_closed", "_items", "_max", "_waiter")
+    __slots__ = ("_closed", "_items", "_max")
 
     def __init__(self, max_frames: int) -> None:
-        self._items: deque[tuple[int, Frame]] = deque()
+        self._items: list[tuple[int, Frame]] = []
         self._max = max_frames
-        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, text: Frame, seq: int = 0) -> None:
+    def put(self, frame: Frame, seq: int = 0) -> None:
         """Queue a frame. Raises ``OutboxFull`` when the bound is reached."""
         if self._closed:
             return
         if len(self._items) >= self._max:
             raise OutboxFull
-        self._items.append((seq, text))
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get_batch(self) -> list[tuple[int, Frame]]:
-        """Wait for frames and take all that are queued."""
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        items = list(self._items)
-        self._items.clear()
-        return items
+        self._items.append((seq, frame))
 
     def drain(self) -> list[tuple[int, Frame]]:
-        """Take whatever is queued, without waiting."""
-        items = list(self._items)
-        self._items.clear()
+        """Take whatever is queued."""
+        items = self._items
+        self._items = []
         return items
 
     def close(self) -> None:
         self._closed = True
-        self._items.clear()
+        self._items = []

@@ -8,12 +8,14 @@ details (the log has the traceback and the connection id).
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from rooms.access import Access
@@ -33,26 +35,55 @@ log = logging.getLogger(__name__)
 
 Session = Callable[[Access, str], Awaitable[None]]
 
-# Where ``RawSend`` keeps the server's own ASGI send for a socket.
+# Where ``SocketFront`` keeps the server's own ASGI send for a socket.
 RAW_SEND = "coilroom.raw_send"
 
 
-class RawSend:
-    """Keep the server's ASGI ``send`` of each WebSocket in its scope.
+class SocketFront:
+    """The app's front door: WebSocket connections go straight to their endpoints,
+    everything else (HTTP, lifespan, unknown socket paths) to the Starlette app.
 
-    Starlette wraps ``send`` twice on the way to an endpoint (exception handling)
-    and checks the socket state on every call; the send pumps write data frames
-    through the unwrapped one, which matters at tens of thousands of frames a
-    second. Accepting and closing still go through Starlette's ``WebSocket``.
+    A socket lives for hours; every layer of middleware and routing it passes
+    through stays on its stack the whole time (a coroutine frame, closures, a
+    wrapped ``send``), and those layers do nothing for sockets. Skipping them is
+    most of a connection's memory. The server's own ``send`` is kept in the scope
+    so data frames can bypass Starlette's per-call checks too.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: Starlette, sockets: dict[str, Callable[[WebSocket], Awaitable[None]]]
+    ) -> None:
         self.app = app
+        self._sockets = [
+            (_compile(path), endpoint) for path, endpoint in sockets.items()
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)  # state, routes, url_path_for, ...
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
+            path = scope["path"]
+            for pattern, endpoint in self._sockets:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    scope["app"] = self.app
+                    scope["path_params"] = match.groupdict()
+                    scope[RAW_SEND] = send
+                    del match  # this frame lives as long as the socket
+                    await endpoint(WebSocket(scope, receive, send))
+                    return
         await self.app(scope, receive, send)
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    """``/ws/rooms/{room_id}`` -> a pattern with named groups (digits for ``*_id``)."""
+
+    def group(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return f"(?P<{name}>[0-9]+)" if name.endswith("_id") else f"(?P<{name}>[^/]+)"
+
+    return re.compile(re.sub(r"\{(\w+)\}", group, path))
 
 
 def frame_sender(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[None]]:

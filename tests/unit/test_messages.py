@@ -115,7 +115,9 @@ def test_batches_group_frames_within_limits() -> None:
 
     one = json.dumps({"type": "pong"})
     assert create_batches([one], max_frames=10, max_chars=1000) == [one]
-    frames = [json.dumps({"type": "chat.ack", "id": f"c{i}", "seq": i}) for i in range(7)]
+    frames = [
+        json.dumps({"type": "chat.ack", "id": f"c{i}", "seq": i}) for i in range(7)
+    ]
     out = create_batches(frames, max_frames=3, max_chars=10_000)
     assert len(out) == 3
     decoded = [json.loads(m) for m in out]

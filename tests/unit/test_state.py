@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from rooms.limits import FailureWindow, TokenBucket
@@ -82,24 +80,18 @@ def test_failure_window_memory_is_bounded() -> None:
     assert len(window._hits) <= 100
 
 
-def test_outbox_bound_and_batches() -> None:
-    """put never blocks; past the bound it raises; get_batch takes everything."""
-
-    async def scenario() -> None:
-        box = Outbox(3)
-        box.put("a", 1)
-        box.put("b")
-        box.put("c", 2)
-        with pytest.raises(OutboxFull):
-            box.put("d")
-        assert await box.get_batch() == [(1, "a"), (0, "b"), (2, "c")]
-        waiter = asyncio.ensure_future(box.get_batch())
-        await asyncio.sleep(0)
-        assert not waiter.done()
-        box.put("e")
-        assert await waiter == [(0, "e")]
-        box.close()
-        box.put("ignored")
-        assert box.drain() == []
-
-    asyncio.run(scenario())
+def test_outbox_bound_and_drain() -> None:
+    """put never blocks; past the bound it raises; drain takes everything, in order."""
+    box = Outbox(3)
+    box.put("a", 1)
+    box.put(b"b")
+    box.put("c", 2)
+    with pytest.raises(OutboxFull):
+        box.put("d")
+    assert box.drain() == [(1, "a"), (0, b"b"), (2, "c")]
+    assert box.drain() == []
+    box.put("e")
+    assert len(box) == 1
+    box.close()
+    box.put("ignored")
+    assert box.drain() == []
