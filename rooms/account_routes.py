@@ -17,9 +17,9 @@ from rooms.http import (
     check_origin,
     current_user,
     json_response,
-    path_int,
     query_int,
     read_body,
+    room_member,
 )
 from rooms.limits import FailureWindow
 from rooms.messages import iso
@@ -28,7 +28,6 @@ from storage.accounts import (
     UserInfo,
     create_session,
     end_session,
-    room_access,
     user_by_id,
     user_with_hash,
 )
@@ -163,14 +162,8 @@ async def my_rooms(request: Request) -> Response:
 
 
 async def _member_of(request: Request) -> tuple[UserInfo, int]:
-    user = await current_user(request)
-    room_id = path_int(request, "room_id")
-    access = await room_access(request.app.state.db.sessions, room_id, user.id)
-    if access is None:
-        raise ApiError(404, "not_found", "no such room")
-    if access is False:
-        raise ApiError(403, "forbidden", "not a member of this room")
-    return user, room_id
+    user, access = await room_member(request)
+    return user, access.room_id
 
 
 async def room_token(request: Request) -> Response:

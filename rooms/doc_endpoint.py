@@ -25,8 +25,8 @@ from rooms.endpoint import RoomServices
 from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAgainLater
 from rooms.limits import TokenBucket
 from rooms.outbox import Outbox
-from rooms.sending import QueuedSender, direct_writer
-from rooms.socket import RAW_SEND, frame_sender, serve_socket, unwrap
+from rooms.sending import QueuedSender, direct_writer, serve_while_reading
+from rooms.socket import RAW_SEND, frame_sender, serve_socket
 from rooms.ysync import (
     Auth,
     AwarenessUpdate,
@@ -107,15 +107,9 @@ class DocSession:
                 for frame in opening:
                     conn.offer(frame)
                 with self._scope:
-                    try:
-                        async with anyio.create_task_group() as tg:
-                            self.sender.start(tg)
-                            await self._pump_inbox(doc)
-                            tg.cancel_scope.cancel()
-                    except BaseExceptionGroup as group:
-                        raise unwrap(group) from None
-                    finally:
-                        self.sender.stop()
+                    await serve_while_reading(
+                        self.sender, lambda: self._pump_inbox(doc)
+                    )
             except RoomError as error:
                 failure = error
             finally:

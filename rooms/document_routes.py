@@ -16,14 +16,14 @@ from rooms.documents import DocumentRegistry
 from rooms.errors import TryAgainLater
 from rooms.http import (
     ApiError,
-    current_user,
     json_response,
     path_int,
     query_int,
     read_body,
+    room_member,
 )
 from storage import documents as store
-from storage.accounts import RoomAccess, UserInfo, room_access
+from storage.accounts import RoomAccess, UserInfo
 from storage.events import EventRow, list_events
 from storage.models import MemberRole
 
@@ -35,14 +35,7 @@ class NewVersion(msgspec.Struct, forbid_unknown_fields=True):
 async def _member(
     request: Request, *, write: bool = False
 ) -> tuple[UserInfo, RoomAccess]:
-    user = await current_user(request)
-    room_id = path_int(request, "room_id")
-    access = await room_access(request.app.state.db.sessions, room_id, user.id)
-    if access is None:
-        raise ApiError(404, "not_found", "no such room")
-    if access is False:
-        raise ApiError(403, "forbidden", "not a member of this room")
-    assert isinstance(access, RoomAccess)
+    user, access = await room_member(request)
     if write and access.role == MemberRole.OBSERVER:
         raise ApiError(403, "read_only", "observers cannot change documents")
     return user, access

@@ -51,8 +51,8 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
-from rooms.sending import QueuedSender, direct_writer
-from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket, unwrap
+from rooms.sending import QueuedSender, direct_writer, serve_while_reading
+from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.events import EventRow
 
@@ -152,15 +152,10 @@ class Connection:
             with self._scope:
                 try:
                     await self._enter(room, after, edits_after)
-                    try:
-                        async with anyio.create_task_group() as tg:
-                            self.sender.start(tg)  # with what arrived meanwhile
-                            await self._pump_inbox(room)
-                            tg.cancel_scope.cancel()
-                    except BaseExceptionGroup as group:
-                        raise unwrap(group) from None
-                    finally:
-                        self.sender.stop()
+                    # The sender starts with what arrived during the welcome.
+                    await serve_while_reading(
+                        self.sender, lambda: self._pump_inbox(room)
+                    )
                 except RoomError as error:
                     failure = error
                 finally:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rooms.access import Authenticator
-from storage.accounts import UserInfo
+from storage.accounts import RoomAccess, UserInfo, room_access
 from storage.models import UserRole
 
 log = logging.getLogger(__name__)
@@ -181,3 +181,17 @@ async def require_admin(request: Request) -> UserInfo:
     if user.role != UserRole.ADMIN:
         raise ApiError(403, "forbidden", "administrators only")
     return user
+
+
+async def room_member(request: Request) -> tuple[UserInfo, RoomAccess]:
+    """The caller and their access to the room in the path: 401 not logged in,
+    404 no such room, 403 not a member."""
+    user = await current_user(request)
+    room_id = path_int(request, "room_id")
+    access = await room_access(request.app.state.db.sessions, room_id, user.id)
+    if access is None:
+        raise ApiError(404, "not_found", "no such room")
+    if access is False:
+        raise ApiError(403, "forbidden", "not a member of this room")
+    assert isinstance(access, RoomAccess)
+    return user, access

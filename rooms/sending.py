@@ -19,10 +19,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import anyio.abc
 from prometheus_client import Counter
 from websockets.exceptions import InvalidState
 from websockets.protocol import Protocol
+
+from rooms.socket import unwrap
 
 REQUIRED = ("conn", "transport", "writable", "disconnected", "close_sent")
 
@@ -130,3 +133,19 @@ class QueuedSender:
                 messages = self._take()
         finally:
             self._pumping = False
+
+
+async def serve_while_reading(
+    sender: QueuedSender, read: Callable[[], Awaitable[None]]
+) -> None:
+    """Send queued frames for as long as ``read`` (the inbound loop) runs; the first
+    ``RoomError`` from either side ends both and is raised as itself."""
+    try:
+        async with anyio.create_task_group() as tg:
+            sender.start(tg)
+            await read()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise unwrap(group) from None
+    finally:
+        sender.stop()

@@ -91,18 +91,27 @@ async def document_id(
             )
 
 
+async def _snapshot_and_log(
+    session: AsyncSession, doc_id: int, *, for_update: bool = False
+) -> tuple[DocumentSnapshot | None, list[Any]]:
+    """The snapshot (if any) and the logged updates after it, in log order."""
+    snap = await session.get(DocumentSnapshot, doc_id, with_for_update=for_update)
+    upto = snap.upto_update_id if snap else 0
+    rows = (
+        await session.execute(
+            select(DocumentUpdate.id, DocumentUpdate.data)
+            .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
+            .order_by(DocumentUpdate.id)
+        )
+    ).all()
+    return snap, list(rows)
+
+
 async def load_document(sessions: Sessions, doc_id: int) -> StoredDocument:
     """Read the snapshot and every update after it, in log order."""
     async with sessions() as session:
-        snap = await session.get(DocumentSnapshot, doc_id)
-        upto = snap.upto_update_id if snap else 0
-        rows = (
-            await session.execute(
-                select(DocumentUpdate.id, DocumentUpdate.data)
-                .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
-                .order_by(DocumentUpdate.id)
-            )
-        ).all()
+        snap, rows = await _snapshot_and_log(session, doc_id)
+    upto = snap.upto_update_id if snap else 0
     return StoredDocument(
         document_id=doc_id,
         snapshot=snap.state if snap else None,
@@ -141,15 +150,7 @@ async def compact_document(
     matters for readability). Rows appended meanwhile stay in the log.
     """
     async with sessions.begin() as session:
-        snap = await session.get(DocumentSnapshot, doc_id, with_for_update=True)
-        upto = snap.upto_update_id if snap else 0
-        rows = (
-            await session.execute(
-                select(DocumentUpdate.id, DocumentUpdate.data)
-                .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
-                .order_by(DocumentUpdate.id)
-            )
-        ).all()
+        snap, rows = await _snapshot_and_log(session, doc_id, for_update=True)
         if not rows:
             return 0, len(snap.state) if snap else 0
         parts = ([snap.state] if snap else []) + [bytes(r.data) for r in rows]
