@@ -547,6 +547,15 @@ def idle_server(p: Params, profile: Path | None = None) -> IdleResult:
         return hold_idle("server", server.proc.pid, urls, warm, p, True, profile)
 
 
+def idle_uvicorn_floor(p: Params) -> IdleResult:
+    """The same idle sockets on the smallest ASGI app under uvicorn (bench/uvicorn_floor.py)."""
+    with Relay("bench.uvicorn_floor") as floor:
+        assert floor.proc is not None
+        return hold_idle(
+            "uvicorn floor", floor.proc.pid, [floor.url] * p.idle, [floor.url], p, False
+        )
+
+
 def idle_relay(p: Params) -> IdleResult:
     """The same number of idle sockets on the bare relay (the library's own cost)."""
     with Relay() as relay:
@@ -732,6 +741,7 @@ def main() -> int:
     idle = []
     if p.idle and args.only in (None, "idle"):
         idle.append(idle_server(p, prof / "server-connect.svg" if prof else None))
+        idle.append(idle_uvicorn_floor(p))
         idle.append(idle_relay(p))
     info["load_average_at_end"] = os.getloadavg()
     report: dict[str, Any] = {

@@ -65,9 +65,10 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 class Relay:
-    """``python -m bench.relay`` on a free port."""
+    """``python -m bench.relay`` (or another module with ``--port``) on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "bench.relay") -> None:
+        self.module = module
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,7 +78,7 @@ class Relay:
 
     def __enter__(self) -> Relay:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.relay", "--port", str(self.port)],
+            [sys.executable, "-m", self.module, "--port", str(self.port)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             preexec_fn=raise_nofile,
