@@ -8,11 +8,12 @@ only); observers receive everything and their edits are refused with ``[2, 0, re
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
 import anyio
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access
 from rooms.documents import (
@@ -37,6 +38,8 @@ from rooms.ysync import (
     parse_frame,
 )
 from storage.models import MemberRole
+
+log = logging.getLogger(__name__)
 
 DOC_NAME = re.compile(r"[a-z0-9-]{1,64}")
 
@@ -91,6 +94,7 @@ class DocSession:
             send=frame_sender(websocket),
             take=self._take_frames,
             sent=metrics.doc_messages_sent,
+            on_error=self._send_failed,
         )
         self.conn.on_queued = self.sender.request
 
@@ -119,6 +123,13 @@ class DocSession:
             if isinstance(failure, TryAgainLater):
                 metrics.slow_consumers.inc()
             raise failure
+
+    def _send_failed(self, error: BaseException) -> None:
+        """The pump could not send: a vanished client just ends the connection."""
+        if not isinstance(error, WebSocketDisconnect):
+            log.error("sending failed", exc_info=error)
+            self.conn.fail(RoomError())
+        self._scope.cancel()
 
     def _take_frames(self) -> list[bytes]:
         # One y-websocket message per frame (the protocol has no batches).

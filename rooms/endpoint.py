@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import msgspec
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access, Authenticator
 from rooms.broker import Envelope
@@ -137,6 +137,7 @@ class Connection:
             send=self._send,
             take=self._take_messages,
             sent=services.metrics.socket_messages_sent,
+            on_error=self._send_failed,
         )
         self.member.on_queued = self.sender.request
 
@@ -317,6 +318,13 @@ class Connection:
                 "connections": after.connections,
             }
         await hub.publish(self.room_id, Envelope(text=encode(frame)))
+
+    def _send_failed(self, error: BaseException) -> None:
+        """The pump could not send: a vanished client just ends the connection."""
+        if not isinstance(error, WebSocketDisconnect):
+            log.error("sending failed", exc_info=error)
+            self.member.fail(RoomError())
+        self._scope.cancel()
 
     def _take_messages(self) -> list[str]:
         """Everything queued, as WebSocket messages (batched when there are several)."""

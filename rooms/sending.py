@@ -16,16 +16,13 @@ returns None when the attributes are not there, and the fallback is always corre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
-import anyio.abc
 from prometheus_client import Counter
 from websockets.exceptions import InvalidState
 from websockets.protocol import Protocol
-
-from rooms.socket import unwrap
 
 REQUIRED = ("conn", "transport", "writable", "disconnected", "close_sent")
 
@@ -70,10 +67,23 @@ def direct_writer(raw_send: Any) -> DirectWriter | None:
 class QueuedSender:
     """Sends a connection's queued frames soon after they are queued: once per burst
     (a call_soon, not a task switch per frame), written directly while the socket
-    is writable; when it is not (a slow client), a pump task started in the
-    connection's task group waits for it and sends in order until the queue is
-    empty. Direct writes never overtake the pump: while it runs, it sends all.
+    is writable. When it is not (a slow client), a pump task waits for it and sends
+    in order until the queue is empty; direct writes never overtake the pump. The
+    pump exists only while needed: an idle connection keeps no task.
     """
+
+    __slots__ = (
+        "_on_error",
+        "_pumping",
+        "_running",
+        "_scheduled",
+        "_send",
+        "_sent_by_task",
+        "_sent_direct",
+        "_take",
+        "_task",
+        "direct",
+    )
 
     def __init__(
         self,
@@ -82,33 +92,42 @@ class QueuedSender:
         send: Callable[[dict[str, Any]], Awaitable[None]],
         take: Callable[[], list[str] | list[bytes]],
         sent: Counter,
+        on_error: Callable[[BaseException], None],
     ) -> None:
         self.direct = direct
         self._send = send
         self._take = take
         self._sent_direct = sent.labels("direct")
         self._sent_by_task = sent.labels("task")
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._on_error = on_error
+        self._running = False
         self._scheduled = False
         self._pumping = False
+        self._task: asyncio.Task[None] | None = None
 
-    def start(self, tg: anyio.abc.TaskGroup) -> None:
+    def start(self) -> None:
         """Live frames may go out from now on (the opening frames were sent)."""
-        self._tg = tg
+        self._running = True
         self.send_queued()
 
-    def stop(self) -> None:
-        self._tg = None
+    async def stop(self) -> None:
+        """No more sending; a pump still waiting on the socket is cancelled and awaited."""
+        self._running = False
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def request(self) -> None:
         """Frames were queued: send them in a moment."""
-        if self._tg is not None and not self._scheduled and not self._pumping:
+        if self._running and not self._scheduled and not self._pumping:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.send_queued)
 
     def send_queued(self) -> None:
         self._scheduled = False
-        if self._tg is None or self._pumping:
+        if not self._running or self._pumping:
             return
         messages = self._take()
         if self.direct is not None:
@@ -121,7 +140,7 @@ class QueuedSender:
                 return
         if messages:
             self._pumping = True
-            self._tg.start_soon(self._pump, messages)
+            self._task = asyncio.create_task(self._pump(messages))
 
     async def _pump(self, messages: list[str] | list[bytes]) -> None:
         try:
@@ -131,6 +150,8 @@ class QueuedSender:
                     await self._send({"type": "websocket.send", key: message})
                     self._sent_by_task.inc()
                 messages = self._take()
+        except Exception as exc:  # noqa: BLE001 - handed to the connection, which ends
+            self._on_error(exc)
         finally:
             self._pumping = False
 
@@ -138,14 +159,9 @@ class QueuedSender:
 async def serve_while_reading(
     sender: QueuedSender, read: Callable[[], Awaitable[None]]
 ) -> None:
-    """Send queued frames for as long as ``read`` (the inbound loop) runs; the first
-    ``RoomError`` from either side ends both and is raised as itself."""
+    """Send queued frames for as long as ``read`` (the inbound loop) runs."""
+    sender.start()
     try:
-        async with anyio.create_task_group() as tg:
-            sender.start(tg)
-            await read()
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise unwrap(group) from None
+        await read()
     finally:
-        sender.stop()
+        await sender.stop()
