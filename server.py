@@ -413,7 +413,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                 chat_linger=settings.chat_linger,
             ) as hub,
             DocumentRegistry(
-                sessions=db.sessions,
+                db=db,
                 broker=broker,
                 metrics=app_metrics,
                 record=hub.record,

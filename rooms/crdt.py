@@ -90,8 +90,19 @@ def content(doc: pycrdt.Doc) -> dict[str, Any]:
 
 
 def activities(doc: pycrdt.Doc) -> list[dict[str, Any]]:
-    """The ``activities`` of an agreement document as plain dicts, in list order."""
-    items = copy(doc).get("activities", type=pycrdt.Array).to_py() or []
+    """The ``activities`` of an agreement document as plain dicts, in list order.
+
+    Types the root as an array in ``doc``: pass a copy you own.
+
+    Raises:
+        UpdateRejected: the root is not an array pycrdt can read.
+    """
+    try:
+        items = doc.get("activities", type=pycrdt.Array).to_py() or []
+    except BaseException as exc:
+        if not _is_crdt_failure(exc):
+            raise
+        raise UpdateRejected(f"activities unreadable: {type(exc).__name__}") from None
     return [a for a in items if isinstance(a, dict)]
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rooms import crdt
 from rooms.broker import Broker, Envelope
@@ -47,6 +46,7 @@ from rooms.ysync import (
     create_update,
 )
 from storage import documents as store
+from storage.database import Database
 from storage.events import EventRow
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,10 @@ class LiveDocument:
         ] = {}  # user -> [updates, bytes] since last event
         self._edits_flushed = time.monotonic()
         self._projection_due: float | None = None
+        # Rows as last written, so a projection writes only what changed; and the
+        # earliest time of the next one (large lists are read less often).
+        self.projected: dict[str, dict[str, Any]] | None = None
+        self.projection_not_before = 0.0
 
     # -- connections and the handshake ------------------------------------------
 
@@ -319,9 +323,7 @@ class LiveDocument:
         give_up: float | None = None
         while True:
             try:
-                await store.append_updates(
-                    self.registry.sessions, self.document_id, items
-                )
+                await store.append_updates(self.registry.db, self.document_id, items)
                 return True
             except Exception:
                 # Keep the batch and retry: nothing is broadcast until it is stored.
@@ -375,7 +377,10 @@ class LiveDocument:
                 tally[1] += len(pending.update)
         self.registry.metrics.doc_updates.inc(len(accepted))
         if self.name == "agreement" and self._projection_due is None:
-            self._projection_due = time.monotonic() + self.limits.projection_delay
+            self._projection_due = max(
+                time.monotonic() + self.limits.projection_delay,
+                self.projection_not_before,
+            )
         if self.log_rows >= self.limits.compact_after_updates:
             self.registry.request_compaction(self)
 
@@ -470,8 +475,14 @@ class LiveDocument:
         return self._projection_due is not None and now >= self._projection_due
 
     def take_projection(self) -> list[dict[str, Any]]:
+        """The activity list, read from the shadow copy (the live copy's roots are
+        never typed by the server: a client's schema mistake must not touch it)."""
         self._projection_due = None
-        return crdt.activities(self.doc)
+        try:
+            return crdt.activities(self.shadow)
+        except crdt.UpdateRejected:
+            self.shadow = crdt.copy(self.doc)
+            raise
 
     def stop(self) -> None:
         self._stopping = True
@@ -487,13 +498,14 @@ class DocumentRegistry:
     def __init__(
         self,
         *,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         broker: Broker,
         metrics: Metrics,
         record: Callable[[EventRow], None],
         limits: DocumentLimits,
     ) -> None:
-        self.sessions = sessions
+        self.db = db
+        self.sessions = db.sessions
         self.broker = broker
         self.metrics = metrics
         self.record = record
@@ -684,12 +696,16 @@ class DocumentRegistry:
             self._compactions.discard(doc.document_id)
 
     async def _project(self, doc: LiveDocument) -> None:
+        started = time.monotonic()
         try:
-            await store.replace_activities(
-                self.sessions, doc.room_id, doc.take_projection()
-            )
+            rows = store.activity_rows(doc.room_id, doc.take_projection())
+            await store.sync_activities(self.db, doc.room_id, rows, doc.projected)
+            doc.projected = rows
         except Exception:
             log.exception("projecting activities of room %s failed", doc.room_id)
+            doc.projected = None  # write everything next time
+        # Reading a long list costs time: keep projections under ~5% of the time.
+        doc.projection_not_before = time.monotonic() + 20 * (time.monotonic() - started)
 
     async def _housekeeping(self) -> None:
         """Projections, edit events and idle unloads, a few times a second."""

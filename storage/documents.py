@@ -11,10 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.database import Database
 from storage.models import (
     ActivityRow,
     Document,
@@ -120,24 +121,19 @@ async def load_document(sessions: Sessions, doc_id: int) -> StoredDocument:
     )
 
 
+_INSERT_UPDATES = insert(DocumentUpdate)
+
+
 async def append_updates(
-    sessions: Sessions, doc_id: int, items: Sequence[tuple[bytes, int | None]]
+    db: Database, doc_id: int, items: Sequence[tuple[bytes, int | None]]
 ) -> None:
     """Append ``(update, user_id)`` pairs in one transaction (group commit)."""
     now = utcnow()
-    async with sessions.begin() as session:
-        await session.execute(
-            insert(DocumentUpdate),
-            [
-                {
-                    "document_id": doc_id,
-                    "data": data,
-                    "user_id": user,
-                    "created_at": now,
-                }
-                for data, user in items
-            ],
-        )
+    rows = [
+        {"document_id": doc_id, "data": data, "user_id": user, "created_at": now}
+        for data, user in items
+    ]
+    await db.transact(lambda conn: conn.execute(_INSERT_UPDATES, rows))
 
 
 async def compact_document(
@@ -267,40 +263,69 @@ def _date(value: Any) -> dt.date | None:
         return None
 
 
-async def replace_activities(
-    sessions: Sessions, room_id: int, activities: Sequence[dict[str, Any]]
-) -> None:
-    """Make the room's activity rows equal to the document's list (one transaction)."""
-    now = utcnow()
-    rows = []
-    seen: set[str] = set()
+def activity_rows(
+    room_id: int, activities: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The rows for a document's activity list, by activity id, in list order."""
+    rows: dict[str, dict[str, Any]] = {}
     for position, a in enumerate(activities):
         activity_id = str(a.get("id") or "")[:64]
-        if not activity_id or activity_id in seen:
+        if not activity_id or activity_id in rows:
             continue  # an entry without a usable id cannot be addressed; skip it
-        seen.add(activity_id)
         owner = _id(a.get("owner"))
-        rows.append(
-            {
-                "room_id": room_id,
-                "activity_id": activity_id,
-                "position": position,
-                "title": str(a.get("title") or ""),
-                "description": str(a.get("description") or ""),
-                "status": str(a.get("status") or "planned")[:16],
-                "owner_id": owner if isinstance(owner, int) else None,
-                "people": _ids(a.get("people")),
-                "institutions": _ids(a.get("institutions")),
-                "starts_on": _date(a.get("starts_on")),
-                "ends_on": _date(a.get("ends_on")),
-                "outcomes": str(a.get("outcomes") or ""),
-                "updated_at": now,
-            }
-        )
-    async with sessions.begin() as session:
-        await session.execute(delete(ActivityRow).where(ActivityRow.room_id == room_id))
-        if rows:
-            await session.execute(insert(ActivityRow), rows)
+        rows[activity_id] = {
+            "room_id": room_id,
+            "activity_id": activity_id,
+            "position": position,
+            "title": str(a.get("title") or ""),
+            "description": str(a.get("description") or ""),
+            "status": str(a.get("status") or "planned")[:16],
+            "owner_id": owner if isinstance(owner, int) else None,
+            "people": _ids(a.get("people")),
+            "institutions": _ids(a.get("institutions")),
+            "starts_on": _date(a.get("starts_on")),
+            "ends_on": _date(a.get("ends_on")),
+            "outcomes": str(a.get("outcomes") or ""),
+        }
+    return rows
+
+
+async def sync_activities(
+    db: Database,
+    room_id: int,
+    rows: dict[str, dict[str, Any]],
+    previous: dict[str, dict[str, Any]] | None,
+) -> None:
+    """Make the room's activity rows equal ``rows``, writing only what changed since
+    ``previous`` (everything when it is None). One transaction."""
+    now = utcnow()
+    if previous is None:
+        gone: list[str] = []
+        changed = list(rows.values())
+    else:
+        gone = [i for i in previous if i not in rows]
+        changed = [r for i, r in rows.items() if previous.get(i) != r]
+    if previous is not None and not gone and not changed:
+        return
+
+    def write(conn: Connection) -> None:
+        if previous is None:
+            conn.execute(delete(ActivityRow).where(ActivityRow.room_id == room_id))
+        else:
+            dropped = gone + [r["activity_id"] for r in changed]
+            for start in range(0, len(dropped), 500):
+                conn.execute(
+                    delete(ActivityRow).where(
+                        ActivityRow.room_id == room_id,
+                        ActivityRow.activity_id.in_(dropped[start : start + 500]),
+                    )
+                )
+        if changed:
+            conn.execute(
+                insert(ActivityRow), [{**r, "updated_at": now} for r in changed]
+            )
+
+    await db.transact(write)
 
 
 async def list_activities(sessions: Sessions, room_id: int) -> list[dict[str, Any]]:

@@ -146,6 +146,15 @@ async def test_activity_overview_matches_the_document(
     assert rows["t2"]["people"] == [ana.id, lars.id]
     assert rows["t1"]["institutions"] == [world.institutions[0]]
     assert rows["t1"]["starts_on"] == "2026-02-01"
+    # Removing an activity removes its row (the projection writes only changes).
+    async with yclient(
+        server, world.room_id, "agreement", await ana.token(world.room_id)
+    ) as a:
+        index = [x["id"] for x in a.activities()].index("t2")
+        await a.edit(lambda d: d.get("activities", type=pycrdt.Array).pop(index))
+    async with asyncio.timeout(10):
+        while [x["id"] for x in await overview()] != ["t1"]:
+            await asyncio.sleep(0.05)
     stranger = await world.add_user("Stranger", world.institutions[0])
     assert (
         await stranger.http.get(f"/api/rooms/{world.room_id}/activities")
