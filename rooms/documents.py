@@ -160,6 +160,7 @@ class LiveDocument:
             log.error("document %s/%s does not load: %s", room_id, name, exc)
             raise DocumentUnavailable() from None
         self.stored_bytes = stored.stored_bytes
+        self.snapshot_bytes = len(stored.snapshot or b"")
         self.log_rows = len(stored.updates)
         self.conns: dict[str, DocConnection] = {}
         self.awareness: dict[int, AwarenessEntry] = {}
@@ -381,8 +382,19 @@ class LiveDocument:
                 time.monotonic() + self.limits.projection_delay,
                 self.projection_not_before,
             )
-        if self.log_rows >= self.limits.compact_after_updates:
+        if self.compaction_due():
             self.registry.request_compaction(self)
+
+    def compaction_due(self) -> bool:
+        """Fold the log when it is long and at least half the snapshot's size: each
+        compaction costs about the document's size, so a growing document is
+        compacted geometrically less often, and loading stays within ~1.5x the
+        snapshot's work."""
+        log_bytes = self.stored_bytes - self.snapshot_bytes
+        return (
+            self.log_rows >= self.limits.compact_after_updates
+            and log_bytes * 2 >= self.snapshot_bytes
+        )
 
     def _poisoned(self) -> None:
         self.registry.discard(self)
@@ -474,15 +486,12 @@ class LiveDocument:
     def projection_due(self, now: float) -> bool:
         return self._projection_due is not None and now >= self._projection_due
 
-    def take_projection(self) -> list[dict[str, Any]]:
-        """The activity list, read from the shadow copy (the live copy's roots are
-        never typed by the server: a client's schema mistake must not touch it)."""
+    def take_projection(self) -> bytes:
+        """The live state to project from. Reading it happens elsewhere, on a copy:
+        a long list takes a while to read, and the live copy's roots are never typed
+        by the server (a client's schema mistake must not touch it)."""
         self._projection_due = None
-        try:
-            return crdt.activities(self.shadow)
-        except crdt.UpdateRejected:
-            self.shadow = crdt.copy(self.doc)
-            raise
+        return self.doc.get_update()
 
     def stop(self) -> None:
         self._stopping = True
@@ -640,7 +649,7 @@ class DocumentRegistry:
         self.metrics.documents.inc()
         if name == "agreement":
             await self._project(doc)
-        if doc.log_rows >= self.limits.compact_after_updates:
+        if doc.compaction_due():
             self.request_compaction(doc)
         return doc
 
@@ -689,6 +698,7 @@ class DocumentRegistry:
             doc.log_rows = max(0, doc.log_rows - folded)
             # The snapshot replaces the folded log; what arrived meanwhile stays counted.
             doc.stored_bytes = snapshot_bytes + (doc.stored_bytes - started_at)
+            doc.snapshot_bytes = snapshot_bytes
             self.metrics.compactions.inc()
         except Exception:
             log.exception("compacting document %s/%s failed", doc.room_id, doc.name)
@@ -698,7 +708,11 @@ class DocumentRegistry:
     async def _project(self, doc: LiveDocument) -> None:
         started = time.monotonic()
         try:
-            rows = store.activity_rows(doc.room_id, doc.take_projection())
+            state = doc.take_projection()
+            # A worker thread builds its own copy and reads it (pycrdt documents
+            # stay in the thread that made them): the event loop keeps serving.
+            items = await anyio.to_thread.run_sync(crdt.activities_of, state)
+            rows = store.activity_rows(doc.room_id, items)
             await store.sync_activities(self.db, doc.room_id, rows, doc.projected)
             doc.projected = rows
         except Exception:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -150,7 +151,8 @@ async def compact_document(
         if not rows:
             return 0, len(snap.state) if snap else 0
         parts = ([snap.state] if snap else []) + [bytes(r.data) for r in rows]
-        state = merge(parts)
+        # Merging a long log is CPU work: off the event loop.
+        state = await anyio.to_thread.run_sync(merge, parts)
         last = rows[-1].id
         if snap is None:
             session.add(
