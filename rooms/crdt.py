@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 import pycrdt
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+_json = msgspec.json.Decoder()
 
 
 def _is_crdt_failure(exc: BaseException) -> bool:
@@ -84,9 +86,18 @@ def typed_roots(doc: pycrdt.Doc) -> dict[str, Any]:
     return roots
 
 
+def plain(root: Any) -> Any:
+    """A root type as plain values. pycrdt's ``to_py`` reads arrays item by item,
+    each a walk from the start (quadratic: 7 s for 20,000 activities here); its
+    ``str`` is one pass in Rust that yields JSON (25 ms for the same)."""
+    if isinstance(root, pycrdt.Text):
+        return str(root)
+    return _json.decode(str(root))
+
+
 def content(doc: pycrdt.Doc) -> dict[str, Any]:
     """The document's root types as plain JSON-able values (reads a copy)."""
-    return {name: root.to_py() for name, root in typed_roots(copy(doc)).items()}
+    return {name: plain(root) for name, root in typed_roots(copy(doc)).items()}
 
 
 def activities(doc: pycrdt.Doc) -> list[dict[str, Any]]:
@@ -98,7 +109,7 @@ def activities(doc: pycrdt.Doc) -> list[dict[str, Any]]:
         UpdateRejected: the root is not an array pycrdt can read.
     """
     try:
-        items = doc.get("activities", type=pycrdt.Array).to_py() or []
+        items = plain(doc.get("activities", type=pycrdt.Array)) or []
     except BaseException as exc:
         if not _is_crdt_failure(exc):
             raise
@@ -143,7 +154,7 @@ def restore_update(live: pycrdt.Doc, version_state: bytes) -> bytes:
     with scratch.transaction(origin="restore"):
         for name, root in old.items():
             target = current.get(name) or scratch.get(name, type=type(root))
-            _fill(target, root.to_py())
+            _fill(target, plain(root))
         for name, target in current.items():
             if name not in old:
                 _fill(target, None)  # a root the version did not have is emptied

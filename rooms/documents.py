@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # An update that changes nothing (no structs, empty delete set) is two zero bytes.
 EMPTY_UPDATE = b"\x00\x00"
+# Updates applied and broadcast between two yields to the event loop.
+YIELD_EVERY = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,7 @@ class LiveDocument:
                 if not accepted:
                     continue
                 if await self._store(accepted):
-                    self._apply_and_broadcast(accepted)
+                    await self._apply_and_broadcast(accepted)
                 else:
                     for pending in accepted:
                         pending.settle(
@@ -351,8 +353,13 @@ class LiveDocument:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _apply_and_broadcast(self, accepted: list[PendingUpdate]) -> None:
-        for pending in accepted:
+    async def _apply_and_broadcast(self, accepted: list[PendingUpdate]) -> None:
+        for count, pending in enumerate(accepted, 1):
+            if count % YIELD_EVERY == 0:
+                # Let the sockets write and read between updates of a big batch.
+                # Safe: each update's apply and broadcast below is one step, so a
+                # handshake in between sees it either in its step 2 or live.
+                await asyncio.sleep(0)
             try:
                 crdt.apply(self.doc, pending.update)
             except crdt.UpdateRejected:
