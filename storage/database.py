@@ -76,6 +76,11 @@ def _sqlite_pragmas(synchronous: str) -> Any:
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=10000")
+        # No checkpoint inside a commit: copying the WAL into the database there
+        # stalls whichever writer crosses the threshold (a chat message or a
+        # document update waiting hundreds of milliseconds). The checkpointer task
+        # of open_database does it in the background instead.
+        cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     return on_connect
@@ -111,16 +116,41 @@ async def open_database(
             sync_engine, "connect", _sqlite_pragmas(sqlite_synchronous.upper())
         )
     try:
-        yield Database(
-            engine,
-            async_sessionmaker(engine, expire_on_commit=False),
-            sync_engine,
-            anyio.CapacityLimiter(4),
-        )
+        async with anyio.create_task_group() as tg:
+            if sync_engine is not None:
+                tg.start_soon(_checkpoints, sync_engine)
+            yield Database(
+                engine,
+                async_sessionmaker(engine, expire_on_commit=False),
+                sync_engine,
+                anyio.CapacityLimiter(4),
+            )
+            tg.cancel_scope.cancel()
     finally:
         await engine.dispose()
         if sync_engine is not None:
+            with contextlib.suppress(Exception):
+                _checkpoint(sync_engine)  # leave a short WAL behind
             sync_engine.dispose()
+
+
+CHECKPOINT_INTERVAL = 1.0
+
+
+async def _checkpoints(sync_engine: Engine) -> None:
+    """Copy the SQLite WAL into the database every second, beside the writers
+    (PASSIVE: it never blocks them, and does what it can when readers are busy)."""
+    while True:
+        await anyio.sleep(CHECKPOINT_INTERVAL)
+        try:
+            await anyio.to_thread.run_sync(_checkpoint, sync_engine)
+        except Exception:
+            log.exception("SQLite checkpoint failed; retrying")
+
+
+def _checkpoint(sync_engine: Engine) -> None:
+    with sync_engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def run_migrations(url: str, revision: str = "head") -> None:
