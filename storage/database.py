@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -115,18 +116,25 @@ async def open_database(
         event.listen(
             sync_engine, "connect", _sqlite_pragmas(sqlite_synchronous.upper())
         )
+    # A plain task, not a task group: errors raised by the caller's block must
+    # reach the caller as themselves, not wrapped in an exception group.
+    checkpointer = (
+        asyncio.create_task(_checkpoints(sync_engine))
+        if sync_engine is not None
+        else None
+    )
     try:
-        async with anyio.create_task_group() as tg:
-            if sync_engine is not None:
-                tg.start_soon(_checkpoints, sync_engine)
-            yield Database(
-                engine,
-                async_sessionmaker(engine, expire_on_commit=False),
-                sync_engine,
-                anyio.CapacityLimiter(4),
-            )
-            tg.cancel_scope.cancel()
+        yield Database(
+            engine,
+            async_sessionmaker(engine, expire_on_commit=False),
+            sync_engine,
+            anyio.CapacityLimiter(4),
+        )
     finally:
+        if checkpointer is not None:
+            checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointer
         await engine.dispose()
         if sync_engine is not None:
             with contextlib.suppress(Exception):
