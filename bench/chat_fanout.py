@@ -112,11 +112,12 @@ Sample = tuple[tuple[float, float], list[float], dict[int, float]]
 
 
 class Worker:
-    """A ``bench.loadgen`` child process and its line protocol."""
+    """A load generator child process (``bench.loadgen`` unless told) and its line
+    protocol."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], module: str = "bench.loadgen") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen"],
+            [sys.executable, "-m", module],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -337,22 +337,9 @@ def start_workers(
             elif mode == "fanout" and d == 0 and full_left > 0:
                 cfg["full"].append(idx)
                 full_left -= 1
-    return [DocWorker(cfg | {"worker": k}) for k, cfg in enumerate(plan)]
-
-
-class DocWorker(Worker):
-    """A ``bench.doc_loadgen`` child process (``Worker``'s line protocol)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.doc_loadgen"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            preexec_fn=raise_nofile,
-        )
-        self._buf = b""
-        self.write(config)
+    return [
+        Worker(cfg | {"worker": k}, "bench.doc_loadgen") for k, cfg in enumerate(plan)
+    ]
 
 
 def run_fanout(target: Target, load: Load) -> FanoutResult:

@@ -29,7 +29,7 @@ import pycrdt
 import uvloop
 
 from bench.loadgen import BIN_NS, MAX_BIN, Window
-from bench.wsclient import HandshakeError, LeanSocket, apply_mask
+from bench.wsclient import HandshakeError, LeanSocket, encode_data_frame
 from rooms.ysync import SyncStep2, SyncUpdate, create_update, parse_frame
 
 MARKER = b"bench:"
@@ -38,17 +38,6 @@ EMPTY_STEP1 = b"\x00\x00\x01\x00"  # sync step 1 with an empty state vector
 EMPTY_STEP2 = b"\x00\x01\x02\x00\x00"  # sync step 2 carrying an empty update
 
 OnFrame = Callable[["BinSocket", bytes, int, int, int], None]
-
-
-def encode_binary_frame(payload: bytes, mask: bytes) -> bytes:
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x82, 0x80 | size))
-    elif size < 65536:
-        header = bytes((0x82, 0x80 | 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x82, 0x80 | 127)) + size.to_bytes(8, "big")
-    return header + mask + apply_mask(payload, mask)
 
 
 class BinSocket(LeanSocket):
@@ -64,78 +53,37 @@ class BinSocket(LeanSocket):
         self.wid = -1  # writer id of this socket (to skip echoes of own updates)
         self.doc: pycrdt.Doc | None = None  # full clients apply every update
 
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        if not self._upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                self._buf = buf
-                return
-            status = buf[: buf.find(b"\r\n")]
-            if b" 101 " not in status + b" ":
-                self._fail(f"handshake refused: {status.decode(errors='replace')}")
-                return
-            self._upgraded = True
-            if self.handshake:
-                self.send_binary(EMPTY_STEP1)
-            if not self.opened.done():
-                self.opened.set_result(None)
-            buf = buf[end + 4 :]
-        now = time.monotonic_ns()
-        pos, size = 0, len(buf)
-        while size - pos >= 2:
-            b0, length = buf[pos], buf[pos + 1] & 0x7F
-            start = pos + 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
-            end = start + length
-            if end > size:
-                break
-            opcode = b0 & 0x0F
-            if opcode == 2:
-                self.frames += 1
-                if buf[start] == 0 and end - start > 1:
-                    step = buf[start + 1]
-                    if step == 0 and self.handshake:
-                        self.send_binary(EMPTY_STEP2)
-                    elif step == 1:
-                        if self.doc is not None:
-                            frame = parse_frame(buf[start:end], max_frame_bytes=1 << 30)
-                            assert isinstance(frame, SyncStep2)
-                            self.doc.apply_update(frame.update)
-                        if not self.synced.done():
-                            self.synced.set_result(None)
-                    elif step == 2:
-                        self.on_frame(self, buf, start, end, now)
-                        if self.doc is not None:
-                            frame = parse_frame(buf[start:end], max_frame_bytes=1 << 30)
-                            assert isinstance(frame, SyncUpdate)
-                            self.doc.apply_update(frame.update)
-            elif opcode == 9:
-                self.send_control(10, buf[start:end])
-            elif opcode == 8:
-                code = int.from_bytes(buf[start : start + 2], "big")
-                why = buf[start + 2 : end].decode(errors="replace")
-                self._fail(f"closed by server: {code} {why}")
-                return
-            elif opcode == 1:
-                pass
-            elif b0 & 0x80 == 0 or opcode == 0:
-                self._fail("fragmented frame (not expected)")
-                return
-            pos = end
-        self._buf = buf[pos:]
+    def _on_upgraded(self) -> None:
+        if self.handshake:
+            self.send_binary(EMPTY_STEP1)
+
+    def _on_data(self, opcode: int, buf: bytes, start: int, end: int, now: int) -> None:
+        if opcode != 2:
+            return
+        self.frames += 1
+        if buf[start] != 0 or end - start <= 1:
+            return
+        step = buf[start + 1]
+        if step == 0 and self.handshake:
+            self.send_binary(EMPTY_STEP2)
+        elif step == 1:
+            if self.doc is not None:
+                frame = parse_frame(buf[start:end], max_frame_bytes=1 << 30)
+                assert isinstance(frame, SyncStep2)
+                self.doc.apply_update(frame.update)
+            if not self.synced.done():
+                self.synced.set_result(None)
+        elif step == 2:
+            self.on_frame(self, buf, start, end, now)
+            if self.doc is not None:
+                frame = parse_frame(buf[start:end], max_frame_bytes=1 << 30)
+                assert isinstance(frame, SyncUpdate)
+                self.doc.apply_update(frame.update)
 
     def send_binary(self, payload: bytes) -> bool:
         if self.transport is None or self.closed.done() or self.transport.is_closing():
             return False
-        self.transport.write(encode_binary_frame(payload, self.mask))
+        self.transport.write(encode_data_frame(2, payload, self.mask))
         return True
 
     def _fail(self, reason: str) -> None:

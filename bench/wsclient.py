@@ -28,16 +28,21 @@ class HandshakeError(Exception):
     """The server did not answer the upgrade with 101 Switching Protocols."""
 
 
+def encode_data_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
+    """A masked, final data frame (client to server): opcode 1 text, 2 binary."""
+    size, first = len(payload), 0x80 | opcode
+    if size < 126:
+        header = bytes((first, 0x80 | size))
+    elif size < 65536:
+        header = bytes((first, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, 0x80 | 127)) + size.to_bytes(8, "big")
+    return header + mask + apply_mask(payload, mask)
+
+
 def encode_text_frame(payload: bytes, mask: bytes) -> bytes:
     """A masked, final text frame (client to server)."""
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    elif size < 65536:
-        header = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
-    return header + mask + apply_mask(payload, mask)
+    return encode_data_frame(1, payload, mask)
 
 
 def encode_control_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
@@ -90,11 +95,12 @@ class LeanSocket(asyncio.Protocol):
                 self._fail(f"handshake refused: {status.decode(errors='replace')}")
                 return
             self._upgraded = True
+            self._on_upgraded()
             if not self.opened.done():
                 self.opened.set_result(None)
             buf = buf[end + 4 :]
         now = time.monotonic_ns()
-        pos, size, on_text = 0, len(buf), self.on_text
+        pos, size, on_data = 0, len(buf), self._on_data
         while size - pos >= 2:
             b0, length = buf[pos], buf[pos + 1] & 0x7F
             start = pos + 2
@@ -110,11 +116,8 @@ class LeanSocket(asyncio.Protocol):
             if end > size:
                 break
             opcode = b0 & 0x0F
-            if opcode == 1:
-                self.frames += 1
-                if self.frames == 1:
-                    self.first_text.set_result(None)
-                on_text(self, buf, start, end, now)
+            if opcode == 1 or opcode == 2:
+                on_data(opcode, buf, start, end, now)
             elif opcode == 9:
                 self.send_control(10, buf[start:end])
             elif opcode == 8:
@@ -129,6 +132,17 @@ class LeanSocket(asyncio.Protocol):
                 return
             pos = end
         self._buf = buf[pos:]
+
+    def _on_upgraded(self) -> None:
+        """Called once the server answered 101 (subclasses send an opening frame)."""
+
+    def _on_data(self, opcode: int, buf: bytes, start: int, end: int, now: int) -> None:
+        """One data frame, ``buf[start:end]``; this client counts text frames."""
+        if opcode == 1:
+            self.frames += 1
+            if self.frames == 1:
+                self.first_text.set_result(None)
+            self.on_text(self, buf, start, end, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection lost: {exc}")
