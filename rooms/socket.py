@@ -166,21 +166,3 @@ async def serve_socket(
         code, reason = CloseCode.INTERNAL_ERROR, "internal error"
     metrics.closes.labels(str(int(code))).inc()
     await close_with(websocket, code, reason, services.limits.close_timeout)
-
-
-def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that ends the connection: a ``RoomError`` first, else the first one."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for exc in leaves:
-        if isinstance(exc, RoomError):
-            return exc
-    return leaves[0] if len(leaves) == 1 else group

@@ -170,22 +170,6 @@ async def compact_document(
         return len(rows), len(state)
 
 
-async def log_length(sessions: Sessions, doc_id: int) -> int:
-    """Updates in the log not yet folded into the snapshot."""
-    async with sessions() as session:
-        snap = await session.get(DocumentSnapshot, doc_id)
-        upto = snap.upto_update_id if snap else 0
-        return int(
-            (
-                await session.execute(
-                    select(func.count()).where(
-                        DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto
-                    )
-                )
-            ).scalar_one()
-        )
-
-
 # -- named versions ---------------------------------------------------------------
 
 
