@@ -26,12 +26,15 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True):
     connection drops live messages it already replayed from the database.
     ``control`` is for the servers, not the clients (``"revoke"``: end the
     connections of ``user_id``).
+    ``to`` names one connection when the frame is for it alone (call signals);
+    empty means every member of the room.
     """
 
     text: str = ""
     seq: int = 0
     control: str = ""
     user_id: int = 0
+    to: str = ""
 
 
 Deliver = Callable[[Envelope], None]

@@ -293,6 +293,11 @@ class LocalRoom:
                 if member.user.id == envelope.user_id:
                     member.fail(Forbidden("membership revoked"))
             return
+        if envelope.to:
+            target = self.members.get(envelope.to)
+            if target is not None:
+                target.offer(envelope.text)
+            return
         for member in list(self.members.values()):
             member.offer(envelope.text, envelope.seq)
 
