@@ -480,6 +480,11 @@ def create_app(settings: Settings | None = None) -> SocketFront:
         Route("/", page),
         Route("/room/{room_id:int}", page),
         Route("/invite/{code}", page),
+        # Administration and dashboards are pages of the same browser client.
+        Route("/admin", page),
+        Route("/admin/{rest:path}", page),
+        Route("/dashboard", page),
+        Route("/dashboard/{rest:path}", page),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(
