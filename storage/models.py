@@ -371,3 +371,40 @@ class ActivityRow(Base):
     ends_on: Mapped[dt.date | None] = mapped_column(Date)
     outcomes: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class CallSession(Base):
+    """One call in a room, from its first participant joining to its last leaving."""
+
+    __tablename__ = "call_sessions"
+    __table_args__ = (Index("ix_call_sessions_room_started", "room_id", "started_at"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
+    started_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # NULL while the call is live (or when its process died: closed at next start).
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class CallParticipant(Base):
+    """One connection's stay in a call: who, from when to when, which media it used."""
+
+    __tablename__ = "call_participants"
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    call_id: Mapped[int] = mapped_column(
+        ForeignKey("call_sessions.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    connection_id: Mapped[str] = mapped_column(String(64))
+    joined_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    left_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Whether the microphone, camera or screen share was on at any time.
+    audio: Mapped[bool] = mapped_column(default=False)
+    video: Mapped[bool] = mapped_column(default=False)
+    screen: Mapped[bool] = mapped_column(default=False)
+    # left | disconnected | removed | ended (the server closed the call)
+    left_reason: Mapped[str | None] = mapped_column(String(16))
