@@ -44,8 +44,60 @@ async function route() {
     teardown = showRoom(main, Number(room[1]), { me, navigate, sessionEnded, page });
     return;
   }
+  const section = path.match(/^\/([a-z0-9][a-z0-9-]*)(?:\/|$)/);
+  if (section && section[1] !== "app" && entries()[section[1]]) {
+    await showEntry(section[1], path);
+    return;
+  }
   if (path !== "/") history.replaceState(null, "", "/");
   showRooms();
+}
+
+// -- other entry points ----------------------------------------------------------------
+//
+// Every static/src/NAME.entry.js is built on its own (static/build.mjs); the page lists
+// them in a JSON block. A path /NAME or /NAME/... loads that entry and calls its
+//   export function mount(main, ctx)  ->  teardown function (optional)
+// with ctx = {me, navigate, sessionEnded, page, path}. Its CSS (if it imports any) is
+// linked before it mounts.
+
+let entryMap = null;
+
+function entries() {
+  if (!entryMap) {
+    try {
+      entryMap = JSON.parse(document.getElementById("coilroom-entries")?.textContent || "{}");
+    } catch {
+      entryMap = {};
+    }
+  }
+  return entryMap;
+}
+
+function loadStyle(href) {
+  if (document.querySelector(`link[rel="stylesheet"][href="${href}"]`)) return Promise.resolve();
+  return new Promise((resolve) => {
+    const link = h("link", { rel: "stylesheet", href });
+    link.addEventListener("load", resolve);
+    link.addEventListener("error", resolve);
+    document.head.append(link);
+  });
+}
+
+async function showEntry(name, path) {
+  const entry = entries()[name];
+  let module;
+  try {
+    if (entry.css) await loadStyle(entry.css);
+    module = await import(entry.js);
+  } catch (error) {
+    if (renderedPath !== path) return;
+    page("Cannot load this page", h("p", { text: `The page could not be loaded (${error.message}). Reload to try again.` }));
+    return;
+  }
+  if (renderedPath !== path || typeof module.mount !== "function") return;
+  const done = module.mount(main, { me, navigate, sessionEnded, page, path });
+  if (typeof done === "function") teardown = done;
 }
 
 async function loadMe() {
@@ -385,4 +437,7 @@ async function showInvite(code) {
 
 // -- start -----------------------------------------------------------------------------
 
-route();
+/** Start the client: called once by app.entry.js. */
+export function start() {
+  route();
+}
