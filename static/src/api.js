@@ -43,3 +43,9 @@ export const roomHistory = (roomId, before, limit = 50) =>
   api("GET", `/api/rooms/${roomId}/messages?limit=${limit}${before ? `&before=${before}` : ""}`);
 export const previewInvitation = (code) => api("GET", `/api/invitations/${encodeURIComponent(code)}`);
 export const acceptInvitation = (body) => api("POST", "/api/invitations/accept", body);
+export const listInstitutions = () => api("GET", "/api/institutions");
+const doc = (roomId, name) => `/api/rooms/${roomId}/documents/${encodeURIComponent(name)}`;
+export const listVersions = (roomId, name) => api("GET", `${doc(roomId, name)}/versions`);
+export const createVersion = (roomId, name, versionName) => api("POST", `${doc(roomId, name)}/versions`, { name: versionName });
+export const getVersion = (roomId, name, id) => api("GET", `${doc(roomId, name)}/versions/${id}`);
+export const restoreVersion = (roomId, name, id) => api("POST", `${doc(roomId, name)}/versions/${id}/restore`);

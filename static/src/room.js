@@ -1,9 +1,11 @@
 // The room page: who is here, and the chat (history, live messages, pending sends,
 // edits, the unread marker, typing and away), over one RoomConnection.
 
-import { ApiError, listRooms, roomHistory } from "./api.js";
+import { showAgreement } from "./agreement.js";
+import { ApiError, listInstitutions, listRooms, roomHistory } from "./api.js";
 import { announce, countryName, fill, h, newId, timeElement, waitWords } from "./dom.js";
 import { CLOSE_WORDS, RoomConnection } from "./socket.js";
+import { showVersions } from "./versions.js";
 
 const PAGE_SIZE = 50;
 const TYPING_EVERY = 3000; // send typing:true at most this often while typing
@@ -48,6 +50,7 @@ export function showRoom(main, roomId, ctx) {
     markerSeq: null, // "New messages" goes before the first message after this seq
     readTimer: null,
     presence: new Map(), // user id -> {user, status, typing, connections}
+    people: new Map(), // user id -> {id, name, institution}: everyone seen in this room
     typingSent: false,
     typingAt: 0,
     maxChars: 4000,
@@ -95,7 +98,12 @@ export function showRoom(main, roomId, ctx) {
     h("h2", { id: "chat-heading", class: "visually-hidden", text: "Chat" }),
     log, jump, typingLine, composer);
 
-  const heading = ctx.page("Room", subtitle, banner, h("div", { class: "room-layout" }, chat, people));
+  const agreementBox = h("div", { class: "agreement-list" });
+  const versionsBox = h("div", { class: "agreement-versions" });
+  const agreement = h("section", { class: "agreement", "aria-labelledby": "activities-heading" },
+    agreementBox, versionsBox);
+
+  const heading = ctx.page("Room", subtitle, banner, h("div", { class: "room-layout" }, people, chat, agreement));
   heading.closest(".page").classList.add("room-page");
 
   const conn = new RoomConnection(roomId, {
@@ -200,6 +208,17 @@ export function showRoom(main, roomId, ctx) {
         if (!st.resuming) hideBanner(); // a resume shows "Back online" on chat.resumed
         maybeMarkRead();
         break;
+      case "offline":
+        people.classList.add("stale");
+        peopleNote.hidden = false;
+        peopleNote.textContent = "Offline: this list may be out of date.";
+        showBanner(
+          `You are offline. ${st.pending.size ? "Your unsent messages are kept and will be sent" : "Coilroom reconnects"} when the connection is back.`,
+          { kind: "warning" },
+        );
+        stopTypingState();
+        renderAllPending();
+        break;
       case "waiting": {
         people.classList.add("stale");
         peopleNote.hidden = false;
@@ -272,6 +291,8 @@ export function showRoom(main, roomId, ctx) {
     if (document.hidden) conn.send({ type: "status", status: "away" });
     const first = !st.everWelcomed;
     st.everWelcomed = true;
+    for (const p of st.presence.values()) rememberPerson(p.user);
+    if (!docs) startDocuments(room.role === "observer");
     if (first) {
       st.lastSeq = frame.chat.last_seq;
       st.lastEdit = frame.chat.last_edit;
@@ -290,6 +311,7 @@ export function showRoom(main, roomId, ctx) {
 
   function onPresence(frame, kind) {
     if (kind === "join") {
+      rememberPerson(frame.user);
       const known = st.presence.has(frame.user.id);
       st.presence.set(frame.user.id, {
         user: frame.user, status: frame.status, typing: frame.typing, connections: frame.connections,
@@ -305,6 +327,43 @@ export function showRoom(main, roomId, ctx) {
       Object.assign(p, { status: frame.status, typing: frame.typing, connections: frame.connections });
     }
     renderPeople();
+    if (docs) docs.agreement.refresh();
+  }
+
+  // -- the agreement document and its versions -----------------------------------------
+
+  let docs = null;
+  const allInstitutions = listInstitutions().then(({ institutions }) => institutions, () => []);
+  let institutionsKnown = [];
+  allInstitutions.then((list) => {
+    institutionsKnown = list;
+    if (docs) docs.agreement.refresh();
+  });
+
+  function rememberPerson(user) {
+    if (!user || user.id == null) return;
+    st.people.set(user.id, { id: user.id, name: user.name, institution: user.institution });
+  }
+
+  /** The institutions to offer: those of the people seen in this room, one's own, and
+   * any already chosen (the API has no "institutions of this partnership" for members). */
+  function roomInstitutions(chosen = []) {
+    const names = new Set([...st.people.values()].map((p) => p.institution).filter(Boolean));
+    const ids = new Set(chosen.map(Number));
+    if (me.institution) ids.add(me.institution.id);
+    return institutionsKnown.filter((i) => ids.has(i.id) || names.has(i.name));
+  }
+
+  function startDocuments(readOnly) {
+    const agreementView = showAgreement(agreementBox, roomId, {
+      me,
+      readOnly,
+      people: () => [...st.people.values()],
+      institutions: roomInstitutions,
+      onSessionEnded: sessionEnded,
+    });
+    const versionsView = showVersions(versionsBox, roomId, { readOnly, onSessionEnded: sessionEnded });
+    docs = { agreement: agreementView, versions: versionsView };
   }
 
   function onChatMessage(m) {
@@ -850,6 +909,10 @@ export function showRoom(main, roomId, ctx) {
 
   return function teardownRoom() {
     st.alive = false;
+    if (docs) {
+      docs.agreement.destroy();
+      docs.versions.destroy();
+    }
     stopTypingState();
     conn.stop();
     clearTimeout(bannerTimer);

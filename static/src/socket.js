@@ -57,17 +57,20 @@ export class RoomConnection {
     this.welcomedAt = 0;
     this.heardAt = 0;
     this._online = () => this.reconnectNow();
+    this._offline = () => this._goOffline();
   }
 
   start() {
     this.stopped = false;
     window.addEventListener("online", this._online);
+    window.addEventListener("offline", this._offline);
     this._connect();
   }
 
   stop() {
     this.stopped = true;
     window.removeEventListener("online", this._online);
+    window.removeEventListener("offline", this._offline);
     clearTimeout(this.timer);
     clearInterval(this.heartbeat);
     const ws = this.ws;
@@ -103,9 +106,27 @@ export class RoomConnection {
     return url;
   }
 
+  /** The browser says it lost the network: drop the socket now rather than wait for
+   * the heartbeat, and wait for "online" (a socket may survive a short outage, but its
+   * frames would not get through). */
+  _goOffline() {
+    if (this.stopped) return;
+    const ws = this.ws;
+    if (ws) {
+      ws.onclose = ws.onmessage = ws.onopen = ws.onerror = null;
+      try { ws.close(4000, "offline"); } catch { /* ignore */ }
+      this._closed(1006, "offline");
+    }
+  }
+
   _connect() {
     clearTimeout(this.timer);
     this.timer = null;
+    if (navigator.onLine === false) {
+      // No network: the "online" event reconnects; meanwhile say we are offline.
+      this.handlers.onState("offline", {});
+      return;
+    }
     this.welcomed = false;
     this.handlers.onState("connecting", { attempt: this.attempt });
     let ws;
@@ -169,10 +190,15 @@ export class RoomConnection {
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
     if (this.stopped) return;
+    if (navigator.onLine === false) {
+      this.handlers.onState("offline", {});
+      return;
+    }
     const action = closeAction(code);
     if (action !== "retry") {
       this.stopped = true;
       window.removeEventListener("online", this._online);
+      window.removeEventListener("offline", this._offline);
       this.handlers.onState(action === "login" ? "login" : "stopped", { code, reason });
       return;
     }
