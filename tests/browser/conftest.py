@@ -59,9 +59,14 @@ def pytest_collection_modifyitems(
     for item in items:
         callspec = getattr(item, "callspec", None)
         in_here = here in Path(str(item.fspath)).parents
-        if in_here and callspec and callspec.params.get("backend") not in (
-            None,
-            "sqlite",
+        if (
+            in_here
+            and callspec
+            and callspec.params.get("backend")
+            not in (
+                None,
+                "sqlite",
+            )
         ):
             drop.append(item)
         else:
@@ -74,8 +79,12 @@ def pytest_collection_modifyitems(
 def built_page() -> None:
     """Fail with the fix when the browser client has not been built."""
     page = ROOT / "static" / "index.html"
-    if not page.exists() or not re.search(r"/static/dist/app\.entry-", page.read_text()):
-        pytest.fail("the browser client is not built: run `make build` (make test does)")
+    if not page.exists() or not re.search(
+        r"/static/dist/app\.entry-", page.read_text()
+    ):
+        pytest.fail(
+            "the browser client is not built: run `make build` (make test does)"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Locator, Page, expect
 
 from tests.browser.conftest import OpenPage
 from tests.support import TIMEOUT, World
@@ -26,11 +28,11 @@ async def say(page: Page, text: str) -> None:
     await box.press("Enter")
 
 
-def chat_line(page: Page, text: str):  # noqa: ANN201 - a Playwright Locator
+def chat_line(page: Page, text: str) -> Locator:
     return page.locator(".messages .msg-text", has_text=text)
 
 
-def title_field(page: Page, position: int):  # noqa: ANN201 - a Playwright Locator
+def title_field(page: Page, position: int) -> Locator:
     return page.get_by_label(f"Title of activity {position}", exact=True)
 
 
@@ -40,7 +42,9 @@ async def titles(page: Page) -> list[str]:
     )
 
 
-async def converged(pages: list[Page], read, what: str) -> object:  # noqa: ANN001
+async def converged(
+    pages: list[Page], read: Callable[[Page], Awaitable[Any]], what: str
+) -> Any:
     """Wait until ``read(page)`` gives the same value on every page; return it."""
     async with asyncio.timeout(TIMEOUT):
         while True:
@@ -172,7 +176,9 @@ async def test_room_concurrent_edits_of_one_activity_converge_and_observer_canno
     assert await converged([ana, lars], titles, "order") == ["Kick-off call", final[0]]
 
     # An observer reads the same list and gets no way to change it.
-    observer_m = await world.add_member("Olga Observer", world.institutions[0], "observer")
+    observer_m = await world.add_member(
+        "Olga Observer", world.institutions[0], "observer"
+    )
     order = ["Kick-off call", final[0]]
 
     async def projected() -> list[str]:
