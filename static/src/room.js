@@ -914,6 +914,10 @@ export function showRoom(main, roomId, ctx) {
       docs.versions.destroy();
     }
     stopTypingState();
+    // What was read in the last moments (throttled or debounced) is not lost on leaving.
+    clearTimeout(st.readTimer);
+    st.readTimer = null;
+    maybeMarkRead();
     conn.stop();
     clearTimeout(bannerTimer);
     clearInterval(countdownTimer);
