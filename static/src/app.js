@@ -161,6 +161,8 @@ function renderAccount() {
     account,
     h("span", { class: "whoami" }, h("strong", { text: me.name }), h("span", { class: "muted", text: ` · ${where}` })),
     h("a", { href: "/", "data-link": true, class: "nav-link", text: "My rooms" }),
+    // Administration and dashboards (admin.entry.js, dashboard.entry.js).
+    ["admin", "coordinator"].includes(me.role) ? h("a", { href: "/dashboard", "data-link": true, class: "nav-link", text: "Dashboard" }) : null,
     h("button", { type: "button", class: "button secondary small", onclick: doLogout, text: "Log out" }),
   );
 }
