@@ -177,12 +177,17 @@ def _partnerships_in(column: Any, scope: Scope) -> ColumnElement[bool]:
     return column.in_(list(scope))  # type: ignore[no-any-return]
 
 
-def _events_in(scope: Scope, period: Period | None, kinds: Sequence[str]) -> Any:
-    """The WHERE clause for events of some kinds in the scope's rooms and period."""
+def _rooms_of(scope: Scope) -> Any:
+    """The ids of the rooms of the partnerships in scope (a subquery)."""
     rooms = select(Room.id)
     if scope is not None:
         rooms = rooms.where(Room.partnership_id.in_(list(scope)))
-    clauses = [ActivityEvent.room_id.in_(rooms), _kind.in_(list(kinds))]
+    return rooms
+
+
+def _events_in(scope: Scope, period: Period | None, kinds: Sequence[str]) -> Any:
+    """The WHERE clause for events of some kinds in the scope's rooms and period."""
+    clauses = [ActivityEvent.room_id.in_(_rooms_of(scope)), _kind.in_(list(kinds))]
     if period is not None:
         clauses += [ActivityEvent.at >= period.start, ActivityEvent.at < period.stop]
     return and_(*clauses)
@@ -190,6 +195,45 @@ def _events_in(scope: Scope, period: Period | None, kinds: Sequence[str]) -> Any
 
 def _minutes(seconds: float) -> float:
     return round(float(seconds) / 60, 1)
+
+
+async def _measures_by(
+    session: AsyncSession, group: Any, scope: Scope, period: Period
+) -> dict[Any, tuple[int, int, float]]:
+    """Messages, edits and call seconds of the period, per value of ``group`` (a
+    column of the event's room or user)."""
+    rows = await session.execute(
+        select(group, *_measures())
+        .select_from(ActivityEvent)
+        .join(Room, Room.id == ActivityEvent.room_id)
+        .outerjoin(User, User.id == ActivityEvent.user_id)
+        .where(_events_in(scope, period, COUNTED_KINDS))
+        .group_by(group)
+    )
+    return {key: (int(m), int(e), float(s)) for key, m, e, s in rows}
+
+
+async def _active_by(
+    session: AsyncSession, group: Any, scope: Scope, period: Period
+) -> dict[Any, int]:
+    """Members who took part in the period (in their partnership's room), per value
+    of ``group``; each person counts once per group."""
+    rows = await session.execute(
+        select(group, func.count(distinct(ActivityEvent.user_id)))
+        .select_from(ActivityEvent)
+        .join(Room, Room.id == ActivityEvent.room_id)
+        .join(
+            Membership,
+            and_(
+                Membership.partnership_id == Room.partnership_id,
+                Membership.user_id == ActivityEvent.user_id,
+            ),
+        )
+        .join(User, User.id == ActivityEvent.user_id)
+        .where(_events_in(scope, period, PRESENCE_KINDS))
+        .group_by(group)
+    )
+    return {key: int(n) for key, n in rows}
 
 
 # -- scope -----------------------------------------------------------------------------
@@ -316,37 +360,8 @@ async def participation(
             .tuples()
             .all()
         )
-        measures = {
-            inst: (int(m), int(e), float(s))
-            for inst, m, e, s in await session.execute(
-                select(User.institution_id, *_measures())
-                .select_from(ActivityEvent)
-                .outerjoin(User, User.id == ActivityEvent.user_id)
-                .where(_events_in(scope, period, COUNTED_KINDS))
-                .group_by(User.institution_id)
-            )
-        }
-        active = dict(
-            (
-                await session.execute(
-                    select(User.institution_id, func.count(distinct(User.id)))
-                    .select_from(ActivityEvent)
-                    .join(Room, Room.id == ActivityEvent.room_id)
-                    .join(
-                        Membership,
-                        and_(
-                            Membership.partnership_id == Room.partnership_id,
-                            Membership.user_id == ActivityEvent.user_id,
-                        ),
-                    )
-                    .join(User, User.id == ActivityEvent.user_id)
-                    .where(_events_in(scope, period, PRESENCE_KINDS))
-                    .group_by(User.institution_id)
-                )
-            )
-            .tuples()
-            .all()
-        )
+        measures = await _measures_by(session, User.institution_id, scope, period)
+        active = await _active_by(session, User.institution_id, scope, period)
     partner_ids = {i for i, _, _ in partners}
     rows = []
     for inst_id, name, country in partners:
@@ -412,13 +427,6 @@ def _overdue(today: dt.date) -> ColumnElement[bool]:
         ActivityRow.ends_on < today,
         ActivityRow.status.in_(OPEN_STATUSES),
     )
-
-
-def _rooms_of(scope: Scope) -> Any:
-    rooms = select(Room.id)
-    if scope is not None:
-        rooms = rooms.where(Room.partnership_id.in_(list(scope)))
-    return rooms
 
 
 async def activity_statuses(
@@ -655,39 +663,8 @@ async def partnership_summary(
             .tuples()
             .all()
         )
-        measures = {
-            pid: (int(m), int(e), float(s))
-            for pid, m, e, s in await session.execute(
-                select(Room.partnership_id, *_measures())
-                .select_from(ActivityEvent)
-                .join(Room, Room.id == ActivityEvent.room_id)
-                .where(_events_in(scope, period, COUNTED_KINDS))
-                .group_by(Room.partnership_id)
-            )
-        }
-        active = dict(
-            (
-                await session.execute(
-                    select(
-                        Room.partnership_id,
-                        func.count(distinct(ActivityEvent.user_id)),
-                    )
-                    .select_from(ActivityEvent)
-                    .join(Room, Room.id == ActivityEvent.room_id)
-                    .join(
-                        Membership,
-                        and_(
-                            Membership.partnership_id == Room.partnership_id,
-                            Membership.user_id == ActivityEvent.user_id,
-                        ),
-                    )
-                    .where(_events_in(scope, period, PRESENCE_KINDS))
-                    .group_by(Room.partnership_id)
-                )
-            )
-            .tuples()
-            .all()
-        )
+        measures = await _measures_by(session, Room.partnership_id, scope, period)
+        active = await _active_by(session, Room.partnership_id, scope, period)
         activities = {
             pid: (int(n), int(o))
             for pid, n, o in await session.execute(
