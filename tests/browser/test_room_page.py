@@ -145,14 +145,16 @@ async def test_room_concurrent_edits_of_one_activity_converge_and_observer_canno
     await title_field(ana, 1).focus()
     await expect(lars.locator(".act-title .remote-chip")).to_contain_text(ana_m.name)
 
-    # The same fields, from both sides at once.
+    # The same fields, from both sides at once (each page's steps in order: typing
+    # goes to whichever field has the focus).
+    async def edit(page: Page, who: str, status: str, date: tuple[str, str]) -> None:
+        await title_field(page, 1).fill(f"Shared syllabus v2 ({who})")
+        await page.get_by_label("Status").select_option(status)
+        await page.get_by_label(date[0]).fill(date[1])
+
     await asyncio.gather(
-        title_field(ana, 1).fill("Shared syllabus v2 (Ana)"),
-        title_field(lars, 1).fill("Shared syllabus v2 (Lars)"),
-        ana.get_by_label("Status").select_option("done"),
-        lars.get_by_label("Status").select_option("cancelled"),
-        ana.get_by_label("Starts on").fill("2027-02-01"),
-        lars.get_by_label("Ends on").fill("2027-06-30"),
+        edit(ana, "Ana", "done", ("Starts on", "2027-02-01")),
+        edit(lars, "Lars", "cancelled", ("Ends on", "2027-06-30")),
     )
 
     async def state(page: Page) -> tuple[object, ...]:
