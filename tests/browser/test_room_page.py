@@ -166,7 +166,10 @@ async def test_room_concurrent_edits_of_one_activity_converge_and_observer_canno
         )
 
     final = await converged([ana, lars], state, "one activity")
-    assert final[0] in ("Shared syllabus v2 (Ana)", "Shared syllabus v2 (Lars)")
+    # Text fields are plain strings (DESIGN.md): the last writer wins, or, when a remote
+    # value lands between one side's select-all and its typing, that typing replaces
+    # the selection in the new value. Either way both sides show the same text.
+    assert "(Ana)" in final[0] or "(Lars)" in final[0], final
     assert final[1] in ("done", "cancelled")
     assert final[2:] == ("2027-02-01", "2027-06-30")
 
