@@ -39,6 +39,8 @@ DEFAULT_DAYS = 30
 MAX_RANGE_DAYS = 366
 DEFAULT_WITHIN_DAYS = 90
 MAX_WITHIN_DAYS = 365
+FIRST_DAY = dt.date(1970, 1, 2)
+LAST_DAY = dt.date(9998, 12, 31)
 COMMON_PARAMS = frozenset({"partnership_id", "from", "to", "tz", "format"})
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -75,9 +77,13 @@ def _date_param(raw: str | None, name: str) -> dt.date | None:
     try:
         if not _DATE.match(raw):
             raise ValueError
-        return dt.date.fromisoformat(raw)
+        day = dt.date.fromisoformat(raw)
     except ValueError:
         raise _invalid(f"{name} must be a date, YYYY-MM-DD") from None
+    # Midnights are converted to UTC and back: keep clear of the calendar's ends.
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise _invalid(f"{name} must be between {FIRST_DAY} and {LAST_DAY}")
+    return day
 
 
 def _zone(raw: str | None) -> tuple[str, ZoneInfo]:

@@ -468,6 +468,8 @@ async def test_dashboard_scope_by_role(server: ServerProcess, world: World) -> N
         {"from": "2026-13-01"},
         {"to": "20260301"},
         {"from": "yesterday"},
+        {"from": "0001-01-01", "to": "0001-01-02"},
+        {"from": "9999-12-30", "to": "9999-12-31"},
         {"tz": "Mars/Olympus_Mons"},
         {"tz": "../../etc/passwd"},
         {"tz": "Europe"},
