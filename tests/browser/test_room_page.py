@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -239,4 +240,38 @@ async def test_room_named_versions_save_view_and_restore(
     await ana.get_by_role("button", name="Restore version First draft").click()
     await expect(title_field(lars, 1)).to_have_value("Draft plan")
     await expect(title_field(ana, 1)).to_have_value("Draft plan")
+    assert console_errors == []
+
+
+async def test_room_chat_edit_and_delete_own_messages(
+    world: World, open_page: OpenPage, console_errors: list[str]
+) -> None:
+    """One's own message can be edited and deleted from the page, the other person
+    sees both live, and nobody is offered to change someone else's message."""
+    ana_m, lars_m = world.members[0], world.members[1]
+    ana = await open_page(ana_m)
+    lars = await open_page(lars_m)
+    await enter_room(ana, world.room_id)
+    await enter_room(lars, world.room_id)
+    await say(ana, "See you on Tuesday")
+    await say(ana, "Bring the syllabus")
+    await expect(chat_line(lars, "Bring the syllabus")).to_be_visible()
+    await expect(lars.locator(".messages").get_by_role("button")).to_have_count(0)
+
+    first = ana.locator(".messages .msg").first
+    await first.get_by_role("button", name=re.compile("^Edit your message")).click()
+    editor = first.get_by_label("Edit your message")
+    await expect(editor).to_be_focused()
+    await editor.fill("See you on Thursday")
+    await editor.press("Enter")
+    await expect(chat_line(lars, "See you on Thursday")).to_be_visible()
+    await expect(lars.locator(".messages .msg").first).to_contain_text("edited")
+
+    ana.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    second = ana.locator(".messages .msg").nth(1)
+    await second.get_by_role("button", name=re.compile("^Delete your message")).click()
+    await expect(lars.locator(".messages .msg").nth(1)).to_contain_text(
+        "This message was deleted."
+    )
+    await expect(chat_line(lars, "Bring the syllabus")).to_have_count(0)
     assert console_errors == []
