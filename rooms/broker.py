@@ -198,7 +198,9 @@ class RedisBroker:
         *,
         channel_prefix: str = "coilroom:",
         send_queue_limit: int = 10_000,
+        send_queue_bytes: int = 64 << 20,
         send_batch: int = 512,
+        send_batch_bytes: int = 1 << 20,
         connect_timeout: float = 2.0,
         command_timeout: float = 2.0,
         keepalive_interval: float = 5.0,
@@ -208,7 +210,9 @@ class RedisBroker:
         self.origin = uuid.uuid4().hex
         self.channel_prefix = channel_prefix
         self.send_queue_limit = send_queue_limit
+        self.send_queue_bytes = send_queue_bytes
         self.send_batch = send_batch
+        self.send_batch_bytes = send_batch_bytes
         self.command_timeout = command_timeout
         self.keepalive_interval = keepalive_interval
         self.reconnect_min = reconnect_min
@@ -237,6 +241,7 @@ class RedisBroker:
         # Encoded envelopes waiting for the sender; bounded, drops are counted and
         # turn into resync notices (``_gaps``) once Redis takes writes again.
         self._outbox: deque[tuple[str, bytes]] = deque()
+        self._outbox_bytes = 0
         self._gaps: set[str] = set()
         self._send_wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -340,15 +345,18 @@ class RedisBroker:
                 subscription.deliver(envelope)
             except Exception:  # one subscriber's bug must not starve the others
                 log.exception("subscriber of %s failed", topic)
+        if self._state in (LinkState.DOWN, LinkState.CLOSED):
+            self._drop(topic)
+            return
+        payload = msgspec.msgpack.encode(_Wire(self.origin, envelope))
         if (
-            self._state in (LinkState.DOWN, LinkState.CLOSED)
-            or len(self._outbox) >= self.send_queue_limit
+            len(self._outbox) >= self.send_queue_limit
+            or self._outbox_bytes + len(payload) > self.send_queue_bytes
         ):
             self._drop(topic)
             return
-        self._outbox.append(
-            (topic, msgspec.msgpack.encode(_Wire(self.origin, envelope)))
-        )
+        self._outbox.append((topic, payload))
+        self._outbox_bytes += len(payload)
         self._send_wake.set()
 
     async def ping(self) -> None:
@@ -469,7 +477,11 @@ class RedisBroker:
                 else:
                     link.sent.difference_update(channels)
                 await conn.send_command(command, *channels, check_health=False)
-            if self._state is LinkState.SYNCING and not any(link.pending.values()):
+            if (
+                self._state is LinkState.SYNCING
+                and not link.pending
+                and not self._reconcile.is_set()
+            ):
                 live()
             self._notify()
             if clock() >= next_ping:
@@ -544,9 +556,14 @@ class RedisBroker:
         self.stats.dropped += 1
         self._gaps.add(topic)
 
+    def _take(self) -> tuple[str, bytes]:
+        item = self._outbox.popleft()
+        self._outbox_bytes -= len(item[1])
+        return item
+
     def _drop_outbox(self) -> None:
         while self._outbox:
-            self._drop(self._outbox.popleft()[0])
+            self._drop(self._take()[0])
 
     async def _run_sender(self) -> None:
         """Write queued envelopes in call order, a pipeline per batch."""
@@ -559,10 +576,19 @@ class RedisBroker:
                 self._send_wake.clear()
                 await self._send_wake.wait()
                 continue
-            batch = [
-                self._outbox.popleft()
-                for _ in range(min(self.send_batch, len(self._outbox)))
-            ]
+            # At least one envelope per batch, however big (the queue's byte
+            # bound keeps that finite).
+            batch: list[tuple[str, bytes]] = []
+            size = 0
+            while self._outbox and (
+                not batch
+                or (
+                    len(batch) < self.send_batch
+                    and size + len(self._outbox[0][1]) <= self.send_batch_bytes
+                )
+            ):
+                batch.append(self._take())
+                size += len(batch[-1][1])
             gaps: list[str] = []
             if self._state is LinkState.LIVE:
                 gaps, self._gaps = list(self._gaps), set()
@@ -575,7 +601,9 @@ class RedisBroker:
                 pipe.publish(self._channel(topic), notice)
             try:
                 await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # a failed send must not end fan-out
+                if not isinstance(exc, RedisError | OSError):
+                    log.error("redis broker: publishing failed", exc_info=exc)
                 for topic, _ in batch:
                     self._drop(topic)
                 self._gaps.update(gaps)

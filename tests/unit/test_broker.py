@@ -455,27 +455,32 @@ async def test_unreachable_redis_starts_fails_ping_and_serves_locally() -> None:
         assert broker.state is not LinkState.LIVE
 
 
+@pytest.mark.parametrize(
+    "bound",
+    [{"send_queue_limit": 2}, {"send_queue_bytes": 2500}],
+    ids=["count", "bytes"],
+)
 async def test_full_send_queue_drops_counts_and_resyncs_others(
-    redis_client: aioredis.Redis,
+    bound: dict[str, int],
 ) -> None:
-    """Past the send queue's bound remote copies are dropped, counted, and the other
-    processes are told to resync the topic."""
+    """Past the send queue's bound (envelopes or bytes) remote copies are dropped,
+    counted, and the other processes are told to resync the topic."""
     shared = prefix()
     hook = Hook()
     got_a, got_b = Collector(), Collector()
     async with (
-        RedisBroker(REDIS_URL, channel_prefix=shared, send_queue_limit=2) as a,
+        RedisBroker(REDIS_URL, channel_prefix=shared, **bound) as a,
         RedisBroker(REDIS_URL, channel_prefix=shared) as b,
         a.subscribe("t", got_a),
         b.subscribe("t", got_b, on_resync=hook),
     ):
         # publish() does not yield, so the sender cannot drain between these.
         for i in range(10):
-            await a.publish("t", Envelope(text=f"m{i}"))
+            await a.publish("t", Envelope(text=f"m{i}" + "x" * 1000))
         assert a.stats.dropped == 8
         assert len(got_a.got) == 10  # local delivery is never dropped
         await hook.wait()
-        assert got_b.texts == ["m0", "m1"]
+        assert [t[:2] for t in got_b.texts] == ["m0", "m1"]
 
 
 async def test_close_is_idempotent_and_ends_every_task() -> None:
