@@ -479,6 +479,9 @@ class RedisPresence:
             local = self.book.add(room_id, conn_id, user)
             presence = self.book.get(room_id, conn_id)
             assert presence is not None
+            if self._failing:
+                self._dirty = True
+                return local  # this process's view until the heartbeat gets through
             try:
                 return _change(await self._add_to_redis(room_id, conn_id, presence))
             except (RedisError, OSError) as exc:
@@ -503,6 +506,9 @@ class RedisPresence:
             if presence is None:
                 return Change(None, None)  # not a connection of this process
             local = self.book.update(room_id, conn_id, status=status, typing=typing)
+            if self._failing:
+                self._dirty = True
+                return local
             try:
                 reply = await self._update(
                     keys=[self._hash(room_id, presence.user.id)], args=args
@@ -522,6 +528,9 @@ class RedisPresence:
                 return Change(None, None)  # not a connection of this process
             local = self.book.remove(room_id, conn_id)
             user_id = presence.user.id
+            if self._failing:
+                self._orphans[room_id, conn_id] = user_id
+                return local
             try:
                 reply = await self._remove_from_redis(room_id, user_id, conn_id)
             except BaseException as exc:
@@ -535,6 +544,8 @@ class RedisPresence:
         return _change(reply)
 
     async def snapshot(self, room_id: int) -> list[UserPresence]:
+        if self._failing:
+            return self.book.snapshot(room_id)  # this process's members only
         try:
             reply = await self._snapshot(
                 keys=[self._users(room_id)],
@@ -583,36 +594,41 @@ class RedisPresence:
             except (RedisError, OSError) as exc:
                 self._failed("heartbeat", exc)
                 self._reap_after = clock() + self.heartbeat_ttl
-                continue
-            if self._failing:
-                log.info("redis presence: reachable again")
-                self._failing = False
+            except Exception:
+                # A bug must not stop the heartbeat: this process would be
+                # reaped, its members announced as gone while still here.
+                log.exception("redis presence: heartbeat failed")
 
     async def _beat(self) -> None:
-        async with self._lock:
-            reaped, held = await self._heartbeat(
-                keys=[
-                    self._key("alive", self.process_id),
-                    self._key("procs"),
-                    self._key("reaped", self.process_id),
-                    self._key("owned", self.process_id),
-                ],
-                args=[self.process_id, int(self.heartbeat_ttl * 1000)],
-            )
-            mine = sum(1 for _ in self.book.connections())
-            changes: list[tuple[int, Change]] = []
-            if reaped or held != mine or self._dirty or self._orphans:
-                if reaped:
-                    log.warning("redis presence: this process was reaped; restoring")
-                changes = await self._restore()
-        # Reported outside the lock: the callback may use this store.
-        for room_id, change in changes:
-            await self._report(room_id, change)
+        changes: list[tuple[int, Change]] = []
+        try:
+            async with self._lock:
+                reaped, held = await self._heartbeat(
+                    keys=[
+                        self._key("alive", self.process_id),
+                        self._key("procs"),
+                        self._key("reaped", self.process_id),
+                        self._key("owned", self.process_id),
+                    ],
+                    args=[self.process_id, int(self.heartbeat_ttl * 1000)],
+                )
+                mine = sum(1 for _ in self.book.connections())
+                if reaped or held != mine or self._dirty or self._orphans:
+                    if reaped:
+                        log.warning("redis presence: this process was reaped")
+                    await self._restore(changes)
+                if self._failing:
+                    log.info("redis presence: reachable again")
+                    self._failing = False
+        finally:
+            # Reported outside the lock (the callback may use this store), with
+            # whatever a restore got done before failing.
+            for room_id, change in changes:
+                await self._report(room_id, change)
 
-    async def _restore(self) -> list[tuple[int, Change]]:
+    async def _restore(self, changes: list[tuple[int, Change]]) -> None:
         """Make Redis hold exactly this process's connections (under the lock)."""
         self._dirty = True  # until done: a failure part-way retries next beat
-        changes: list[tuple[int, Change]] = []
         for (room_id, conn_id), user_id in list(self._orphans.items()):
             reply = await self._remove_from_redis(room_id, user_id, conn_id)
             del self._orphans[room_id, conn_id]
@@ -630,7 +646,6 @@ class RedisPresence:
             reply = await self._add_to_redis(room_id, conn_id, presence)
             changes.append((room_id, _change(reply)))
         self._dirty = False
-        return changes
 
     async def _add_to_redis(
         self, room_id: int, conn_id: str, presence: ConnectionPresence

@@ -24,6 +24,7 @@ from rooms.presence import (
     RedisPresence,
     open_presence,
 )
+from tests.unit.test_broker import Proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -250,6 +251,39 @@ async def test_a_process_reaped_while_alive_restores_its_connections(
         assert [(r, c.kind) for r, c in stalled_seen.changes] == [(10, "join")]
         assert names(await reaper.snapshot(10)) == [("Ana", 1)]
         assert (await stalled.remove(10, "c1")).kind == "leave"
+
+
+async def test_outage_answers_locally_then_redis_catches_up(key_prefix: str) -> None:
+    """While Redis is unreachable the store answers for this process; afterwards the
+    heartbeat brings Redis up to date and reports what that changed."""
+    proxy = Proxy()
+    await proxy.up()
+    seen = Expired()
+    try:
+        async with (
+            RedisPresence(
+                proxy.url, key_prefix=key_prefix, expiry=6.0, on_expired=seen
+            ) as cut_off,
+            RedisPresence(REDIS_URL, key_prefix=key_prefix) as observer,
+        ):
+            assert (await cut_off.add(10, "a1", ANA)).kind == "join"
+            await proxy.down()
+            assert (await cut_off.add(10, "a2", LARS)).kind == "join"
+            assert (await cut_off.remove(10, "a1")).kind == "leave"
+            assert names(await cut_off.snapshot(10)) == [("lars", 1)]
+            assert names(await observer.snapshot(10)) == [("Ana", 1)]  # stale
+            await proxy.up()
+            while len(seen.changes) < 2:
+                await seen.wait()
+            assert sorted((r, c.kind) for r, c in seen.changes) == [
+                (10, "join"),
+                (10, "leave"),
+            ]
+            assert names(await observer.snapshot(10)) == [("lars", 1)]
+            assert (await cut_off.remove(10, "a2")).kind == "leave"
+            assert await observer.snapshot(10) == []
+    finally:
+        await proxy.down()
 
 
 async def test_unreachable_redis_answers_from_this_process(key_prefix: str) -> None:
