@@ -497,3 +497,23 @@ async def test_close_is_idempotent_and_ends_every_task() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         async with broker.subscribe("t", print):
             pass
+
+
+async def test_subscription_churn_settles(
+    pair: tuple[RedisBroker, RedisBroker], redis_client: aioredis.Redis
+) -> None:
+    """Many subscribers joining and leaving the same topics at once each see what is
+    published after they joined, and Redis ends with no channel left."""
+    a, b = pair
+
+    async def member(i: int) -> None:
+        got = Collector()
+        async with a.subscribe(f"room:{i % 3}", got):
+            await b.publish(f"room:{i % 3}", Envelope(text=f"hello-{i}"))
+            await got.until_text(f"hello-{i}")
+
+    async with asyncio.timeout(WAIT):
+        for _ in range(3):
+            await asyncio.gather(*(member(i) for i in range(30)))
+    assert a.topics() == 0
+    assert await redis_client.pubsub_channels(f"{a.channel_prefix}*") == []
