@@ -257,7 +257,11 @@ class RedisBroker:
         ]
         # Wait for the first attempt so the common start finds Redis up; if it
         # is down we still start, serve local members, and report not ready.
-        await self._first_attempt.wait()
+        try:
+            await self._first_attempt.wait()
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -418,7 +422,9 @@ class RedisBroker:
                 live = await self._serve(self._link)
             except (RedisError, OSError) as exc:
                 if attempt == 0:
-                    log.warning("redis broker connection lost: %s", exc)
+                    log.warning("redis broker cannot connect: %s", exc)
+            except Exception:
+                log.exception("redis broker: connecting failed")  # a bug: retry anyway
             finally:
                 self._link = None
                 self._first_attempt.set()

@@ -453,8 +453,7 @@ class RedisPresence:
         try:
             if self._task is not None:
                 self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await asyncio.gather(self._task, return_exceptions=True)
             left = sum(1 for _ in self.book.connections())
             if left:
                 log.warning("redis presence closing with %d connections", left)
