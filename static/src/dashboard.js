@@ -314,6 +314,11 @@ export function mountDashboard(main, ctx) {
     if (!entry) return;
     const { card, csv, body, canvas } = entry;
     csv.href = `/api/dashboard/${name}.csv?${query()}`;
+    // Unchanged figures are left alone: redrawing would move the reader's focus and
+    // make screen readers read the table again.
+    const fingerprint = JSON.stringify([data.rows, data.balance]);
+    if (entry.fingerprint === fingerprint) return;
+    entry.fingerprint = fingerprint;
     const table = h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": `${card.title}: table` }, dataTable(card.title, data));
     if (card.folded) {
       const open = body.querySelector("details")?.open ?? false;
