@@ -12,14 +12,17 @@ import io
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from sqlalchemy import update
 
+from rooms.dashboard_routes import csv_cell, render_csv
 from storage import open_database
 from storage.events import EventRow, insert_events
 from storage.models import Membership
+from storage.stats import QUARTER_SECONDS, Period
 from tests.support import TIMEOUT, Member, ServerProcess, World, join
 from tests.yclient import add_activity, yclient
 
@@ -608,3 +611,46 @@ async def test_dashboard_csv_equals_the_json_tables(
     ).text
     assert "'-Minus Person" in silent_csv and "'@At Person" in silent_csv
     assert "-Minus Person" in names and "@At Person" in names
+
+
+# -- pure pieces -----------------------------------------------------------------------------
+
+
+def test_period_days_are_local_days_across_daylight_saving() -> None:
+    """A local day may last 23 or 25 hours; quarters fold into the local day they start."""
+    copenhagen = ZoneInfo("Europe/Copenhagen")
+    spring = Period(dt.date(2025, 3, 30), dt.date(2025, 3, 30), copenhagen)
+    autumn = Period(dt.date(2025, 10, 26), dt.date(2025, 10, 26), copenhagen)
+    assert spring.stop - spring.start == dt.timedelta(hours=23)
+    assert autumn.stop - autumn.start == dt.timedelta(hours=25)
+    assert spring.start == dt.datetime(2025, 3, 29, 23, tzinfo=UTC)
+
+    def quarter(at: dt.datetime) -> int:
+        return int(at.timestamp()) // QUARTER_SECONDS
+
+    assert spring.local_day(quarter(spring.start)) == dt.date(2025, 3, 30)
+    last = spring.stop - dt.timedelta(seconds=1)
+    assert spring.local_day(quarter(last)) == dt.date(2025, 3, 30)
+    assert spring.local_day(quarter(spring.stop)) == dt.date(2025, 3, 31)
+    with pytest.raises(ValueError, match="ends before"):
+        Period(dt.date(2025, 1, 2), dt.date(2025, 1, 1), copenhagen)
+
+
+def test_csv_defuses_formulas_but_not_numbers() -> None:
+    """Text cells that a spreadsheet would run get an apostrophe; numbers, empty cells
+    and ordinary text do not; the file is UTF-8 with a byte order mark and CRLF."""
+    assert [
+        csv_cell(v) for v in ("=1+2", "+49 30", "-x", "@SUM(A1)", "\tx", "Sofía")
+    ] == [
+        "'=1+2",
+        "'+49 30",
+        "'-x",
+        "'@SUM(A1)",
+        "'\tx",
+        "Sofía",
+    ]
+    assert [csv_cell(v) for v in (-3, 2.5, None, True)] == ["-3", "2.5", "", "true"]
+    text = render_csv(
+        ["name", "days_left"], [{"name": '=HYPERLINK("x")', "days_left": -1}]
+    )
+    assert text == '\ufeffname,days_left\r\n"\'=HYPERLINK(""x"")",-1\r\n'
