@@ -192,8 +192,9 @@ function partnershipPage(ctx, guard, id) {
   async function load() {
     try {
       const base = `/api/partnerships/${id}`;
-      const [p, stages, members, invitations] = await Promise.all([
+      const [p, stages, members, invitations, users] = await Promise.all([
         api("GET", base), api("GET", `${base}/stages`), api("GET", `${base}/members`), api("GET", `${base}/invitations`),
+        me.role === "admin" ? api("GET", "/api/users") : { users: [] },
       ]);
       if (!guard.alive) return;
       partnership = p;
@@ -209,7 +210,7 @@ function partnershipPage(ctx, guard, id) {
           h("a", { href: "/admin", "data-link": true, text: "All partnerships" })));
       renderStages(stages.stages);
       renderInvite();
-      renderMembers(members.members);
+      renderMembers(members.members, users.users);
       renderInvitations(invitations.invitations);
     } catch (error) {
       guard.failed(error);
@@ -256,7 +257,27 @@ function partnershipPage(ctx, guard, id) {
     fill(inviteCard, h("h2", { id: "invite-h", text: "Invite someone" }), form);
   }
 
-  function renderMembers(members) {
+  /** Administrators may add someone who already has an account. */
+  function addExisting(members, users) {
+    const present = new Set(members.map((m) => m.user_id));
+    const candidates = users.filter((u) => !u.disabled && !present.has(u.id));
+    if (!candidates.length) return null;
+    const box = errorBox();
+    const user = h("select", { name: "user" }, candidates.map((u) => h("option", { value: String(u.id), text: `${u.name} (${u.email})` })));
+    const [userField] = field("Person", user);
+    const role = h("select", { name: "member-role" }, MEMBER_ROLES.map((r) => h("option", { value: r, text: r })));
+    const [roleField] = field("Role in the partnership", role);
+    const button = h("button", { type: "submit", class: "button secondary", text: "Add member" });
+    const form = h("form", { class: "inline-form", novalidate: true, "aria-label": "Add an existing account" }, box, userField, roleField, button);
+    onSubmit(form, box, button, async () => {
+      await api("POST", `/api/partnerships/${id}/members`, { user_id: Number(user.value), role: role.value });
+      announce(`${user.selectedOptions[0].textContent} added`);
+      await load();
+    });
+    return [h("h3", { text: "Add someone who has an account" }), form];
+  }
+
+  function renderMembers(members, users) {
     fill(membersCard, h("h2", { id: "members-h", text: `Members (${members.length})` }),
       table("Members", ["Name", "E-mail", "Institution", "Role", "Member since", ""], members, (m) => {
         const role = h("select", { "aria-label": `Role of ${m.name}` }, MEMBER_ROLES.map((r) => h("option", { value: r, text: r, selected: r === m.role })));
@@ -286,7 +307,8 @@ function partnershipPage(ctx, guard, id) {
           h("th", { scope: "row", text: m.name }), h("td", { text: m.email }),
           h("td", { text: m.institution ? m.institution.name : "—" }), h("td", {}, role),
           h("td", { text: when(m.since) }), h("td", {}, remove));
-      }));
+      }),
+      addExisting(members, users));
   }
 
   function renderInvitations(invitations) {

@@ -288,8 +288,8 @@ async def test_admin_pages_resend_and_revoke_invitations(
     server: Any, world: World, open_page: OpenPage, console_errors: list[str]
 ) -> None:
     """Resending an invitation makes a new link (the old one stops working) and revoking
-    it shows it revoked; coordinators see their own partnerships, instructors are told
-    the pages are not for them."""
+    it shows it revoked; an admin adds an existing account as a member; coordinators
+    see their own partnerships, instructors are told the pages are not for them."""
     page = await as_admin(open_page)
     await page.goto(f"/admin/partnerships/{world.partnership_id}")
     email = f"inv-{uuid.uuid4().hex[:6]}@tests.coilroom.test"
@@ -309,6 +309,21 @@ async def test_admin_pages_resend_and_revoke_invitations(
     assert (
         await world.admin.get(f"/api/invitations/{second.rsplit('/', 1)[1]}")
     ).status_code == 410
+
+    # An admin adds someone who already has an account.
+    existing = await world.add_user(
+        f"Xavier {uuid.uuid4().hex[:6]}", world.institutions[1]
+    )
+    await page.reload()
+    await page.get_by_label("Person").select_option(
+        label=f"{existing.name} ({existing.email})"
+    )
+    await page.get_by_label("Role in the partnership").select_option("observer")
+    await page.get_by_role("button", name="Add member").click()
+    await expect(page.get_by_role("heading", name="Members (4)")).to_be_visible()
+    await expect(page.get_by_label(f"Role of {existing.name}")).to_have_value(
+        "observer"
+    )
 
     coordinator = await world.add_user(
         "Cora Coordinator", world.institutions[0], "coordinator"
