@@ -254,8 +254,9 @@ async def test_admin_invites_instructor_and_dashboard_shows_their_activity(
 async def test_dashboard_fits_a_phone_and_reads_as_tables(
     world: World, open_page: OpenPage, console_errors: list[str], artifacts: Any
 ) -> None:
-    """On a 375 px phone the dashboard does not scroll sideways, every chart is an image
-    with a summary label, and every card has a table and a CSV link."""
+    """On a 375 px phone the dashboard and the administration pages do not scroll
+    sideways, every chart is an image with a summary label, and every card has a table
+    and a CSV link."""
     page = await as_admin(open_page, width=375, height=800)
     await page.goto(f"/dashboard?partnership={world.partnership_id}")
     await expect(page.locator('table[data-table="timeline"]')).to_have_count(1)
@@ -281,6 +282,14 @@ async def test_dashboard_fits_a_phone_and_reads_as_tables(
         "The first day is after the last day."
     )
     await page.screenshot(path=str(artifacts / "dashboard-phone.png"), full_page=True)
+    # The administration pages fit too.
+    for path in ("/admin", f"/admin/partnerships/{world.partnership_id}"):
+        await page.goto(path)
+        await expect(page.locator(".data-table").first).to_be_visible()
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - window.innerWidth"
+        )
+        assert overflow <= 0, (path, overflow)
     assert console_errors == []
 
 
