@@ -389,7 +389,8 @@ export function mountDashboard(main, ctx) {
     } catch (error) {
       if (failed(error)) return;
     }
-    if (alive) onlineTimer = setTimeout(loadOnline, document.hidden ? 30000 : ONLINE_EVERY_MS);
+    // A hidden tab asks nothing; showing it again reloads at once (onVisible).
+    if (alive && !document.hidden) onlineTimer = setTimeout(loadOnline, ONLINE_EVERY_MS);
   }
 
   async function loadAll() {
@@ -404,7 +405,7 @@ export function mountDashboard(main, ctx) {
     } catch (error) {
       if (failed(error)) return;
     }
-    if (alive) tablesTimer = setTimeout(loadAll, TABLES_EVERY_MS);
+    if (alive && !document.hidden) tablesTimer = setTimeout(loadAll, TABLES_EVERY_MS);
   }
 
   function apply() {
