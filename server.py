@@ -56,6 +56,10 @@ from rooms.http import (
     internal_error_handler,
     json_response,
 )
+from signaling import routes as call_routes
+from signaling.echo import EchoService
+from signaling.ice import IceConfig
+from signaling.service import CallLimits, CallService
 from storage import open_database, run_migrations
 
 log = logging.getLogger("coilroom")
@@ -209,6 +213,60 @@ class Settings:
         "Seconds a room's writer waits for more messages before a commit (0: none); "
         "trades a little latency for fewer transactions and frames in busy rooms.",
         default=0.005,
+    )
+    call_max_participants: int = _help(
+        "Most participants in one call (calls are a mesh: each sends to every other).",
+        default=8,
+    )
+    call_max_sdp_bytes: int = _help(
+        "Largest session description (offer or answer) relayed, bytes.",
+        default=32 * 1024,
+    )
+    call_signals_per_second: float = _help(
+        "Offers and answers a connection may send per second, on average.",
+        default=5.0,
+    )
+    call_signal_burst: int = _help(
+        "Offers and answers a connection may send at once above the average rate.",
+        default=40,
+    )
+    call_candidates_per_second: float = _help(
+        "ICE candidates a connection may send per second, on average.", default=40.0
+    )
+    call_candidate_burst: int = _help(
+        "ICE candidates a connection may send at once above the average rate.",
+        default=300,
+    )
+    stun_urls: str = _help(
+        "STUN server URLs handed to call participants, comma-separated "
+        "(empty: none; peers on one network need none).",
+        default="",
+    )
+    turn_urls: str = _help(
+        "TURN server URLs (e.g. `turn:turn.example.org:3478?transport=udp`), comma-separated; "
+        "needs TURN_SECRET.",
+        default="",
+    )
+    turn_secret: str = _help(
+        "Shared secret of the TURN server (coturn `static-auth-secret`); never sent or logged.",
+        default="",
+        repr=False,
+    )
+    turn_ttl: float = _help(
+        "Lifetime of the TURN credentials given to a call participant, seconds "
+        "(longer than the longest call: TURN refreshes need them).",
+        default=6 * 3600.0,
+    )
+    echo_max_sessions: int = _help(
+        "Echo tests open at once on this process (each costs about 0.15-0.2 of a CPU "
+        "core; 0 turns the echo test off).",
+        default=2,
+    )
+    echo_max_seconds: float = _help("Longest echo test, seconds.", default=120.0)
+    rtc_host_addresses: str = _help(
+        "Addresses the server's own WebRTC peer (the echo test) offers as ICE host "
+        "candidates, comma-separated (empty: every interface but loopback).",
+        default="",
     )
     sqlite_synchronous: str = _help(
         "SQLite synchronous mode: FULL survives power loss; NORMAL only a crash of the process.",
@@ -376,6 +434,24 @@ async def metrics(request: Request) -> Response:
     )
 
 
+@contextlib.asynccontextmanager
+async def _echo_service(settings: Settings) -> AsyncIterator[EchoService | None]:
+    """The echo-test peer, or None when it is turned off. Every peer connection it
+    opened is closed when the server stops."""
+    if settings.echo_max_sessions <= 0:
+        yield None
+        return
+    addresses = [a.strip() for a in settings.rtc_host_addresses.split(",") if a.strip()]
+    async with EchoService(
+        max_sessions=settings.echo_max_sessions,
+        max_seconds=settings.echo_max_seconds,
+        host_addresses=addresses or None,
+        # A client that vanished without hanging up is noticed in about 6 s.
+        consent=(1.0, 4),
+    ) as echo:
+        yield echo
+
+
 async def page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
@@ -393,6 +469,15 @@ def create_app(settings: Settings | None = None) -> SocketFront:
         time_cost=settings.password_time_cost, memory_kib=settings.password_memory_kib
     )
     app_metrics = Metrics()
+    try:
+        ice = IceConfig.from_settings(
+            stun_urls=settings.stun_urls,
+            turn_urls=settings.turn_urls,
+            turn_secret=settings.turn_secret,
+            turn_ttl=settings.turn_ttl,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"bad call settings: {exc}") from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -404,6 +489,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
             ) as db,
             open_broker(settings.redis_url) as broker,
             open_presence(settings.redis_url) as presence,
+            _echo_service(settings) as echo,
             RoomHub(
                 db=db,
                 broker=broker,
@@ -453,6 +539,23 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                 settings.login_attempts, settings.login_window
             )
             app.state.documents = documents
+            calls = CallService(
+                hub=hub,
+                limits=CallLimits(
+                    max_participants=settings.call_max_participants,
+                    max_sdp_bytes=settings.call_max_sdp_bytes,
+                    signals_per_second=settings.call_signals_per_second,
+                    signal_burst=settings.call_signal_burst,
+                    candidates_per_second=settings.call_candidates_per_second,
+                    candidate_burst=settings.call_candidate_burst,
+                ),
+                ice=ice,
+                echo=echo,
+            )
+            if not settings.redis_url:
+                # One process holds every call: any record still open is from a
+                # previous run that stopped without closing it.
+                await calls.close_interrupted()
             app.state.room_services = RoomServices(
                 auth=auth,
                 hub=hub,
@@ -469,6 +572,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                     typing_timeout=settings.typing_timeout,
                     close_timeout=settings.close_timeout,
                 ),
+                calls=calls,
             )
             yield
 
@@ -477,6 +581,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *room_routes,
+        *call_routes,
         Route("/", page),
         Route("/room/{room_id:int}", page),
         Route("/invite/{code}", page),

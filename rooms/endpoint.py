@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access, Authenticator
@@ -53,8 +52,22 @@ from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
 from rooms.sending import QueuedSender, direct_writer, serve_while_reading
 from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket
+from signaling.messages import (
+    CallIceServers,
+    CallJoin,
+    CallLeave,
+    CallMedia,
+    CallModerate,
+    CallSignal,
+    EchoStart,
+    EchoStop,
+)
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.events import EventRow
+from storage.models import MemberRole, UserRole
+
+if TYPE_CHECKING:
+    from signaling.service import CallService
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +102,7 @@ class RoomServices:
     presence: PresenceStore
     metrics: Metrics
     limits: SocketLimits
+    calls: CallService
 
 
 async def room_socket(websocket: WebSocket) -> None:
@@ -121,6 +135,12 @@ class Connection:
         self.bucket = TokenBucket(
             self.limits.messages_per_second, self.limits.message_burst
         )
+        calls = services.calls.limits
+        self.signal_bucket = TokenBucket(calls.signals_per_second, calls.signal_burst)
+        self.candidate_bucket = TokenBucket(
+            calls.candidates_per_second, calls.candidate_burst
+        )
+        self.echo_running = False
         self.strikes = 0
         self.typing_deadline: float | None = None
         self._scope = anyio.CancelScope()
@@ -205,6 +225,7 @@ class Connection:
                         "role": access.room.role.value,
                     },
                     "presence": [p.as_json() for p in snapshot],
+                    "call": services.calls.snapshot(self.room_id),
                     "chat": {"last_seq": last_seq, "last_edit": last_edit},
                     "limits": {
                         "max_frame_bytes": self.limits.max_frame_bytes,
@@ -285,6 +306,13 @@ class Connection:
         )
 
     async def _leave(self) -> None:
+        calls = self.services.calls
+        try:
+            if self.echo_running:
+                await calls.echo_stop(self.member)
+            await calls.leave(self.room_id, self.member, "disconnected")
+        except Exception:
+            log.exception("conn %s: leaving the call failed", self.conn_id)
         try:
             change = await self.services.presence.remove(self.room_id, self.conn_id)
             await self._announce(change)
@@ -366,23 +394,38 @@ class Connection:
                 and len(text.encode()) > limits.max_frame_bytes
             ):
                 raise MessageTooBig(f"frame over {limits.max_frame_bytes} bytes")
-            if not self.bucket.take(time.monotonic()):
-                self.strikes += 1
-                if self.strikes > limits.message_burst:
-                    raise RateLimited("too many messages")
-                self._error(
-                    "rate_limited", "slow down: message ignored", _peek_id(text)
-                )
-                continue
-            self.strikes = 0
             try:
                 msg = parse_client_message(text, max_text_chars=limits.max_text_chars)
             except NotJSON as exc:
                 raise BadMessage(str(exc)) from None
             except InvalidMessage as exc:
-                self._error(exc.code, exc.detail, exc.message_id)
+                if self._charge(self.bucket, exc.message_id):
+                    self._error(exc.code, exc.detail, exc.message_id)
+                continue
+            if not self._charge(self._bucket_for(msg), getattr(msg, "id", None)):
                 continue
             await self._handle(room, msg)
+
+    def _bucket_for(self, msg: ClientMessage) -> TokenBucket:
+        """Signals have their own limits: a call's ICE candidates come in bursts
+        that chat-sized limits would refuse."""
+        if isinstance(msg, CallSignal):
+            if msg.candidate is not None:
+                return self.candidate_bucket
+            return self.signal_bucket
+        return self.bucket
+
+    def _charge(self, bucket: TokenBucket, message_id: str | None) -> bool:
+        """Take a token for a message; without one it is refused with an error frame,
+        and a client that keeps going past the burst is closed with 4429."""
+        if bucket.take(time.monotonic()):
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        if self.strikes > self.limits.message_burst:
+            raise RateLimited("too many messages")
+        self._error("rate_limited", "slow down: message ignored", message_id)
+        return False
 
     def _error(self, code: str, message: str, message_id: str | None = None) -> None:
         self.services.metrics.client_errors.labels(code).inc()
@@ -414,11 +457,44 @@ class Connection:
                 await self._set_presence(typing=typing)
             case Status(status=status):
                 await self._set_presence(status=status)
+            case CallJoin():
+                await self.services.calls.join(self.room_id, self.member, msg)
+            case CallLeave(id=message_id):
+                await self.services.calls.leave(
+                    self.room_id, self.member, "left", message_id
+                )
+            case CallSignal():
+                await self.services.calls.signal(self.room_id, self.member, msg)
+            case CallMedia():
+                await self.services.calls.media(self.room_id, self.member, msg)
+            case CallModerate():
+                await self.services.calls.moderate(
+                    self.room_id, self.member, msg, allowed=self._coordinates()
+                )
+            case CallIceServers(id=message_id):
+                self.services.calls.ice_servers(self.room_id, self.member, message_id)
+            case EchoStart():
+                if await self.services.calls.echo_start(
+                    self.member, msg, on_end=self._echo_ended
+                ):
+                    self.echo_running = True
+            case EchoStop():
+                if self.echo_running:
+                    await self.services.calls.echo_stop(self.member)
             case Ping(id=message_id):
                 frame: dict[str, Any] = {"type": "pong"}
                 if message_id is not None:
                     frame["id"] = message_id
                 self.member.offer(encode(frame))
+
+    def _coordinates(self) -> bool:
+        return (
+            self.access.room.role == MemberRole.COORDINATOR
+            or self.access.user.role == UserRole.ADMIN
+        )
+
+    def _echo_ended(self, reason: str) -> None:
+        self.echo_running = False
 
     def _submit(self, room: LocalRoom, request: ChatRequest) -> None:
         if not room.chat.submit(request):
@@ -431,16 +507,3 @@ class Connection:
             self.room_id, self.conn_id, **change
         )
         await self._announce(result)
-
-
-def _peek_id(text: str) -> str | None:
-    """The ``id`` of a message we will not parse (rate limited), if cheaply visible."""
-    try:
-        obj = msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        return None
-    if isinstance(obj, dict):
-        value = obj.get("id")
-        if isinstance(value, str) and 0 < len(value) <= 64:
-            return value
-    return None

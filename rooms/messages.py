@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from signaling.messages import CallMessage
+
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
@@ -58,7 +60,9 @@ class Ping(_Msg, tag="ping"):
     id: ClientId | None = None
 
 
-ClientMessage = ChatSend | ChatEdit | ChatDelete | ChatRead | Typing | Status | Ping
+ClientMessage = (
+    ChatSend | ChatEdit | ChatDelete | ChatRead | Typing | Status | Ping | CallMessage
+)
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 _any_decoder = msgspec.json.Decoder()

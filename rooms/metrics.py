@@ -116,6 +116,23 @@ class Metrics:
             "Update logs folded into snapshots",
             registry=r,
         )
+        self.calls = Gauge(
+            "coilroom_calls_live", "Live calls in this process's rooms", registry=r
+        )
+        self.call_participants = Gauge(
+            "coilroom_call_participants",
+            "Connections in a call on this process",
+            registry=r,
+        )
+        self.signals = Counter(
+            "coilroom_call_signals_relayed",
+            "Offers, answers and ICE candidates relayed",
+            ["kind"],
+            registry=r,
+        )
+        self.echo_sessions = Gauge(
+            "coilroom_echo_sessions", "Echo test sessions open", registry=r
+        )
         self.chat_commit_seconds = Histogram(
             "coilroom_chat_commit_seconds",
             "Time from receiving a chat message to its commit",

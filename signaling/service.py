@@ -1,0 +1,490 @@
+"""Calls in rooms: the one owner of this process's call state, its records and relays.
+
+The room socket hands every call frame to ``CallService``, which checks it against
+the ``CallBook``, stores what must be kept (call sessions and participants, in one
+short transaction per join or leave), and publishes frames on the room's topic:
+room-wide ones (a participant joined, a call ended) to every member, signals to
+the one connection named in them. Membership changes of a room's call are
+serialised by a per-room lock, so two connections joining at once cannot both
+start a call or overfill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from rooms.broker import Envelope
+from rooms.hub import Member, RoomHub
+from rooms.messages import create_error, encode
+from signaling.calls import CallBook, Participant
+from signaling.ice import IceConfig
+from signaling.messages import (
+    CallJoin,
+    CallMedia,
+    CallModerate,
+    CallSignal,
+    EchoStart,
+    SignalRefused,
+    check_description,
+    check_signal,
+)
+from storage.calls import (
+    close_interrupted_calls,
+    record_join,
+    record_leave,
+    record_media,
+)
+from storage.events import EventRow
+from storage.models import utcnow
+
+log = logging.getLogger(__name__)
+
+LeaveReason = Literal["left", "disconnected", "removed"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    """Call limits (all settings; see the README)."""
+
+    max_participants: int
+    max_sdp_bytes: int
+    signals_per_second: float
+    signal_burst: int
+    candidates_per_second: float
+    candidate_burst: int
+
+
+class EchoPeer(Protocol):
+    """The server's echo-test peer (``signaling.echo.EchoService``)."""
+
+    async def start(
+        self,
+        user_id: int,
+        offer: dict[str, str],
+        on_end: Callable[[str], None] | None = None,
+    ) -> dict[str, str]: ...
+
+    async def stop(self, user_id: int) -> bool: ...
+
+    def active(self) -> int: ...
+
+
+class CallService:
+    def __init__(
+        self,
+        *,
+        hub: RoomHub,
+        limits: CallLimits,
+        ice: IceConfig,
+        echo: EchoPeer | None = None,
+    ) -> None:
+        self.hub = hub
+        self.limits = limits
+        self.ice = ice
+        self.echo = echo
+        self.book = CallBook()
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._metrics = hub.metrics
+
+    async def close_interrupted(self) -> None:
+        """At start-up of a single process: calls it had open when it stopped are over."""
+        closed = await close_interrupted_calls(self.hub.sessions, utcnow())
+        if closed:
+            log.info("closed %d call records left open by a previous run", closed)
+
+    def snapshot(self, room_id: int) -> dict[str, object] | None:
+        """The room's live call, for the welcome frame (None when there is none)."""
+        call = self.book.call_of(room_id)
+        return None if call is None else call.as_json()
+
+    def _lock(self, room_id: int) -> asyncio.Lock:
+        # One lock per room that ever had a call; rooms are few and long-lived.
+        lock = self._locks.get(room_id)
+        if lock is None:
+            lock = self._locks[room_id] = asyncio.Lock()
+        return lock
+
+    async def _publish(self, room_id: int, frame: dict[str, Any], to: str = "") -> None:
+        await self.hub.publish(room_id, Envelope(text=encode(frame), to=to))
+
+    # -- joining and leaving ------------------------------------------------------
+
+    async def join(self, room_id: int, member: Member, msg: CallJoin) -> None:
+        user = member.user
+        async with self._lock(room_id):
+            book = self.book
+            try:
+                book.check_join(room_id, member.conn_id, self.limits.max_participants)
+            except SignalRefused as refused:
+                member.offer(create_error(refused.code, refused.message, msg.id))
+                return
+            call = book.call_of(room_id)
+            now = utcnow()
+            used = {k for k, on in msg.media.as_json().items() if on and k != "hand"}
+            try:
+                call_id, record_id = await record_join(
+                    self.hub.sessions,
+                    room_id=room_id,
+                    call_id=None if call is None else call.call_id,
+                    user_id=user.id,
+                    conn_id=member.conn_id,
+                    at=now,
+                    used=used,
+                )
+            except Exception:
+                log.exception("room %s: storing a call join failed", room_id)
+                self._metrics.internal_errors.inc()
+                member.offer(
+                    create_error(
+                        "unavailable", "could not join the call; try again", msg.id
+                    )
+                )
+                return
+            started = call is None
+            if call is None:
+                call = book.start(room_id, call_id, user.id, now)
+                self._metrics.calls.inc()
+            participant = book.join(
+                room_id,
+                member.conn_id,
+                user,
+                media=msg.media,
+                rollback=msg.rollback,
+                now=now,
+                max_participants=self.limits.max_participants,
+            )
+            participant.record_id = record_id
+            self._metrics.call_participants.inc()
+            polite = book.roles_toward(room_id, participant)
+            servers, expires = self.ice.servers_for(user.id, time.time())
+            others = [p for p in call.participants.values() if p is not participant]
+            joined: dict[str, Any] = {
+                "type": "call.joined",
+                "call_id": call.call_id,
+                "connection_id": member.conn_id,
+                "started_at": call.as_json()["started_at"],
+                "participants": [
+                    {**p.as_json(), "polite": polite[p.conn_id]} for p in others
+                ],
+                "ice_servers": servers,
+                "ice_expires_at": expires,
+                "max_participants": self.limits.max_participants,
+            }
+            if msg.id is not None:
+                joined["id"] = msg.id
+            # The joiner learns who is there before anyone learns of the joiner, so
+            # its offers (it makes them) never race an offer made to it.
+            member.offer(encode(joined))
+            if started:
+                await self._publish(
+                    room_id,
+                    {
+                        "type": "call.started",
+                        "call_id": call.call_id,
+                        "started_at": joined["started_at"],
+                        "by": {"id": user.id, "name": user.name},
+                    },
+                )
+                self.hub.record(
+                    EventRow(
+                        "call",
+                        room_id,
+                        user.id,
+                        {"action": "start", "call_id": call.call_id},
+                        at=now,
+                    )
+                )
+            await self._publish(
+                room_id,
+                {
+                    "type": "call.participant_joined",
+                    "call_id": call.call_id,
+                    "participant": participant.as_json(),
+                    # Each earlier participant's side toward the newcomer.
+                    "roles": {
+                        conn: "impolite" if newcomer_polite else "polite"
+                        for conn, newcomer_polite in polite.items()
+                    },
+                },
+            )
+            self.hub.record(
+                EventRow(
+                    "call",
+                    room_id,
+                    user.id,
+                    {"action": "join", "call_id": call.call_id},
+                    at=now,
+                )
+            )
+
+    async def leave(
+        self,
+        room_id: int,
+        member: Member,
+        reason: LeaveReason,
+        message_id: str | None = None,
+    ) -> bool:
+        """Take a connection out of the room's call; False if it was not in one."""
+        if await self._take_out(room_id, member.conn_id, reason):
+            return True
+        if reason == "left":
+            member.offer(create_error("not_in_call", "not in the call", message_id))
+        return False
+
+    async def _take_out(self, room_id: int, conn_id: str, reason: LeaveReason) -> bool:
+        async with self._lock(room_id):
+            now = utcnow()
+            left = self.book.leave(room_id, conn_id, now)
+            if left is None:
+                return False
+            call = left.call
+            await self._finish_leave(
+                room_id, left.participant, call.call_id, reason, now, left.user_seconds
+            )
+            if left.ended:
+                await self._finish_call(room_id, call.call_id, call.started_at)
+            await self._store_leave(
+                room_id, left.participant, reason, call.call_id if left.ended else None
+            )
+            return True
+
+    async def _finish_leave(
+        self,
+        room_id: int,
+        p: Participant,
+        call_id: int,
+        reason: LeaveReason,
+        now: dt.datetime,
+        user_seconds: float | None,
+    ) -> None:
+        self._metrics.call_participants.dec()
+        await self._publish(
+            room_id,
+            {
+                "type": "call.participant_left",
+                "call_id": call_id,
+                "connection_id": p.conn_id,
+                "user_id": p.user.id,
+                "reason": reason,
+            },
+        )
+        self.hub.record(
+            EventRow(
+                "call",
+                room_id,
+                p.user.id,
+                {
+                    "action": "leave",
+                    "call_id": call_id,
+                    # The user's time in the call, counted once when their last
+                    # connection leaves (0 while another tab of theirs stays).
+                    "seconds": round(user_seconds or 0.0, 3),
+                    "connection_seconds": round((now - p.joined_at).total_seconds(), 3),
+                    "reason": reason,
+                },
+                at=now,
+            )
+        )
+
+    async def _finish_call(
+        self, room_id: int, call_id: int, started_at: dt.datetime
+    ) -> None:
+        self._metrics.calls.dec()
+        now = utcnow()
+        seconds = round((now - started_at).total_seconds(), 3)
+        await self._publish(
+            room_id,
+            {
+                "type": "call.ended",
+                "call_id": call_id,
+                "ended_at": now.isoformat().replace("+00:00", "Z"),
+                "seconds": seconds,
+            },
+        )
+        self.hub.record(
+            EventRow(
+                "call",
+                room_id,
+                None,
+                {"action": "end", "call_id": call_id, "seconds": seconds},
+                at=now,
+            )
+        )
+
+    async def _store_leave(
+        self, room_id: int, p: Participant, reason: str, end_call_id: int | None
+    ) -> None:
+        try:
+            await record_leave(
+                self.hub.sessions,
+                record_id=p.record_id,
+                at=utcnow(),
+                used=p.used,
+                reason=reason,
+                end_call_id=end_call_id,
+            )
+        except Exception:
+            # The call is over for everyone already; the record keeps the join
+            # time and is closed at the next start of a single process.
+            log.exception("room %s: storing a call leave failed", room_id)
+            self._metrics.internal_errors.inc()
+
+    # -- in the call ----------------------------------------------------------------
+
+    async def signal(self, room_id: int, member: Member, msg: CallSignal) -> None:
+        """Relay an offer, answer or candidate to one participant of the same call."""
+        try:
+            check_signal(msg, max_sdp_bytes=self.limits.max_sdp_bytes)
+            target = self.book.target(room_id, member.conn_id, msg.to)
+        except SignalRefused as refused:
+            member.offer(create_error(refused.code, refused.message, msg.id))
+            return
+        frame: dict[str, Any] = {
+            "type": "call.signal",
+            "from": member.conn_id,
+            "user_id": member.user.id,
+        }
+        if msg.description is not None:
+            frame["description"] = msg.description
+            self._metrics.signals.labels(msg.description.type).inc()
+        else:
+            frame["candidate"] = msg.candidate
+            self._metrics.signals.labels("candidate").inc()
+        await self._publish(room_id, frame, to=target.conn_id)
+
+    async def media(self, room_id: int, member: Member, msg: CallMedia) -> None:
+        try:
+            before = set(self.book.sender(room_id, member.conn_id).used)
+            participant = self.book.set_media(
+                room_id,
+                member.conn_id,
+                audio=msg.audio,
+                video=msg.video,
+                screen=msg.screen,
+                hand=msg.hand,
+            )
+        except SignalRefused as refused:
+            member.offer(create_error(refused.code, refused.message, msg.id))
+            return
+        await self._announce_media(room_id, participant)
+        if participant.used != before:
+            try:
+                await record_media(
+                    self.hub.sessions,
+                    record_id=participant.record_id,
+                    used=participant.used,
+                )
+            except Exception:
+                log.exception("room %s: storing call media use failed", room_id)
+
+    async def _announce_media(self, room_id: int, p: Participant) -> None:
+        call = self.book.call_of(room_id)
+        await self._publish(
+            room_id,
+            {
+                "type": "call.media",
+                "call_id": call.call_id if call else None,
+                "connection_id": p.conn_id,
+                "user_id": p.user.id,
+                "media": p.media.as_json(),
+            },
+        )
+
+    async def moderate(
+        self, room_id: int, member: Member, msg: CallModerate, *, allowed: bool
+    ) -> None:
+        """Mute or remove a participant (``allowed``: the sender coordinates the room)."""
+        if not allowed:
+            member.offer(
+                create_error(
+                    "forbidden", "only coordinators can moderate a call", msg.id
+                )
+            )
+            return
+        target = self.book.participant(room_id, msg.target)
+        if target is None:
+            member.offer(
+                create_error("unknown_peer", "no such participant in this call", msg.id)
+            )
+            return
+        by = {"id": member.user.id, "name": member.user.name}
+        await self._publish(
+            room_id,
+            {"type": "call.moderated", "action": msg.action, "by": by},
+            to=target.conn_id,
+        )
+        if msg.action == "mute":
+            if target.media.audio:
+                target = self.book.set_media(room_id, target.conn_id, audio=False)
+                await self._announce_media(room_id, target)
+            return
+        await self._take_out(room_id, target.conn_id, "removed")
+
+    def ice_servers(self, room_id: int, member: Member, message_id: str | None) -> None:
+        if self.book.participant(room_id, member.conn_id) is None:
+            member.offer(create_error("not_in_call", "join the call first", message_id))
+            return
+        servers, expires = self.ice.servers_for(member.user.id, time.time())
+        frame: dict[str, Any] = {
+            "type": "call.ice_servers",
+            "ice_servers": servers,
+            "ice_expires_at": expires,
+        }
+        if message_id is not None:
+            frame["id"] = message_id
+        member.offer(encode(frame))
+
+    # -- the echo test --------------------------------------------------------------
+
+    async def echo_start(
+        self, member: Member, msg: EchoStart, on_end: Callable[[str], None]
+    ) -> bool:
+        """Start an echo test for the member's user; True when it started."""
+        if self.echo is None:
+            member.offer(
+                create_error(
+                    "echo_unavailable", "the echo test is off on this server", msg.id
+                )
+            )
+            return False
+        description = msg.description
+        try:
+            if description.type != "offer":
+                raise SignalRefused("invalid_message", "the echo test needs an offer")
+            check_description(description, max_sdp_bytes=self.limits.max_sdp_bytes)
+        except SignalRefused as refused:
+            member.offer(create_error(refused.code, refused.message, msg.id))
+            return False
+        from signaling.echo import EchoRefused
+
+        def ended(reason: str) -> None:
+            self._metrics.echo_sessions.set(self.echo.active() if self.echo else 0)
+            member.offer(encode({"type": "echo.ended", "reason": reason}))
+            on_end(reason)
+
+        try:
+            answer = await self.echo.start(
+                member.user.id,
+                {"type": description.type, "sdp": description.sdp},
+                on_end=ended,
+            )
+        except EchoRefused as refused:
+            member.offer(create_error(refused.code, refused.message, msg.id))
+            return False
+        self._metrics.echo_sessions.set(self.echo.active())
+        frame: dict[str, Any] = {"type": "echo.answer", "description": answer}
+        if msg.id is not None:
+            frame["id"] = msg.id
+        member.offer(encode(frame))
+        return True
+
+    async def echo_stop(self, member: Member) -> bool:
+        if self.echo is None:
+            return False
+        return await self.echo.stop(member.user.id)

@@ -1,0 +1,279 @@
+"""Call records: a row per call session and per participant's stay in it.
+
+Written by ``signaling.service`` as people join and leave (one short transaction
+each); read by the room's call history and by the dashboards (call minutes per
+room and per institution).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.models import CallParticipant, CallSession, Institution, Room, User
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def record_join(
+    sessions: Sessions,
+    *,
+    room_id: int,
+    call_id: int | None,
+    user_id: int,
+    conn_id: str,
+    at: dt.datetime,
+    used: Iterable[str],
+) -> tuple[int, int]:
+    """Store a participant joining; with ``call_id`` None, the call starts with them.
+
+    Returns the call's id and the participant row's id.
+    """
+    used = set(used)
+    async with sessions.begin() as session:
+        if call_id is None:
+            call_id = (
+                await session.execute(
+                    insert(CallSession)
+                    .values(room_id=room_id, started_by=user_id, started_at=at)
+                    .returning(CallSession.id)
+                )
+            ).scalar_one()
+        record_id = (
+            await session.execute(
+                insert(CallParticipant)
+                .values(
+                    call_id=call_id,
+                    user_id=user_id,
+                    connection_id=conn_id,
+                    joined_at=at,
+                    audio="audio" in used,
+                    video="video" in used,
+                    screen="screen" in used,
+                )
+                .returning(CallParticipant.id)
+            )
+        ).scalar_one()
+    return call_id, record_id
+
+
+async def record_leave(
+    sessions: Sessions,
+    *,
+    record_id: int,
+    at: dt.datetime,
+    used: Iterable[str],
+    reason: str,
+    end_call_id: int | None = None,
+) -> None:
+    """Store a participant leaving (and the call ending, when it was the last one)."""
+    used = set(used)
+    async with sessions.begin() as session:
+        await session.execute(
+            update(CallParticipant)
+            .where(CallParticipant.id == record_id)
+            .values(
+                left_at=at,
+                left_reason=reason,
+                audio="audio" in used,
+                video="video" in used,
+                screen="screen" in used,
+            )
+        )
+        if end_call_id is not None:
+            await session.execute(
+                update(CallSession)
+                .where(CallSession.id == end_call_id)
+                .values(ended_at=at)
+            )
+
+
+async def record_media(
+    sessions: Sessions, *, record_id: int, used: Iterable[str]
+) -> None:
+    used = set(used)
+    async with sessions.begin() as session:
+        await session.execute(
+            update(CallParticipant)
+            .where(CallParticipant.id == record_id)
+            .values(
+                audio="audio" in used, video="video" in used, screen="screen" in used
+            )
+        )
+
+
+async def close_interrupted_calls(sessions: Sessions, at: dt.datetime) -> int:
+    """Close the calls a stopped process left open (only when no other process can
+    hold live calls: the embedded single-process set-up). Returns how many."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(CallParticipant)
+            .where(CallParticipant.left_at.is_(None))
+            .values(left_at=at, left_reason="interrupted")
+        )
+        result = await session.execute(
+            update(CallSession)
+            .where(CallSession.ended_at.is_(None))
+            .values(ended_at=at)
+        )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class CallStay:
+    user_id: int | None
+    user_name: str | None
+    connection_id: str
+    joined_at: dt.datetime
+    left_at: dt.datetime | None
+    audio: bool
+    video: bool
+    screen: bool
+    left_reason: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "user": {"id": self.user_id, "name": self.user_name},
+            "connection_id": self.connection_id,
+            "joined_at": _iso(self.joined_at),
+            "left_at": _iso(self.left_at),
+            "media_used": {
+                "audio": self.audio,
+                "video": self.video,
+                "screen": self.screen,
+            },
+            "left_reason": self.left_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    id: int
+    started_by: int | None
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    participants: list[CallStay]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "started_by": self.started_by,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "seconds": None
+            if self.ended_at is None
+            else round((self.ended_at - self.started_at).total_seconds(), 3),
+            "participants": [p.as_json() for p in self.participants],
+        }
+
+
+async def room_calls(
+    session: AsyncSession, room_id: int, *, before: int | None = None, limit: int = 20
+) -> list[CallRecord]:
+    """A room's call sessions, newest first, each with its participants."""
+    query = select(CallSession).where(CallSession.room_id == room_id)
+    if before is not None:
+        query = query.where(CallSession.id < before)
+    calls = list(
+        (
+            await session.execute(query.order_by(CallSession.id.desc()).limit(limit))
+        ).scalars()
+    )
+    if not calls:
+        return []
+    rows = await session.execute(
+        select(CallParticipant, User.name)
+        .outerjoin(User, User.id == CallParticipant.user_id)
+        .where(CallParticipant.call_id.in_([c.id for c in calls]))
+        .order_by(CallParticipant.id)
+    )
+    stays: dict[int, list[CallStay]] = {c.id: [] for c in calls}
+    for p, name in rows:
+        stays[p.call_id].append(
+            CallStay(
+                p.user_id,
+                name,
+                p.connection_id,
+                p.joined_at,
+                p.left_at,
+                p.audio,
+                p.video,
+                p.screen,
+                p.left_reason,
+            )
+        )
+    return [
+        CallRecord(c.id, c.started_by, c.started_at, c.ended_at, stays[c.id])
+        for c in calls
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class CallMinutes:
+    key: int | None
+    name: str | None
+    minutes: float
+
+
+async def call_minutes(
+    session: AsyncSession,
+    *,
+    by: Literal["room", "institution"],
+    since: dt.datetime,
+    until: dt.datetime,
+    now: dt.datetime,
+    room_ids: Iterable[int] | None = None,
+) -> list[CallMinutes]:
+    """Participant minutes within ``[since, until)``, per room or per institution.
+
+    A stay still open counts up to ``now``. Each participant's own time counts, so
+    a one-hour call of three people is three hours of call minutes.
+    """
+    query = (
+        select(
+            CallParticipant.joined_at,
+            CallParticipant.left_at,
+            CallSession.room_id,
+            Room.name,
+            User.institution_id,
+            Institution.name,
+        )
+        .join(CallSession, CallSession.id == CallParticipant.call_id)
+        .join(Room, Room.id == CallSession.room_id)
+        .outerjoin(User, User.id == CallParticipant.user_id)
+        .outerjoin(Institution, Institution.id == User.institution_id)
+        .where(
+            CallParticipant.joined_at < until,
+            or_(CallParticipant.left_at.is_(None), CallParticipant.left_at > since),
+        )
+    )
+    if room_ids is not None:
+        query = query.where(and_(CallSession.room_id.in_(list(room_ids))))
+    seconds: dict[int | None, float] = {}
+    names: dict[int | None, str | None] = {}
+    for joined, left, room_id, room_name, inst_id, inst_name in await session.execute(
+        query
+    ):
+        start = max(joined, since)
+        end = min(left or now, until)
+        if end <= start:
+            continue
+        key, name = (room_id, room_name) if by == "room" else (inst_id, inst_name)
+        names[key] = name
+        seconds[key] = seconds.get(key, 0.0) + (end - start).total_seconds()
+    return sorted(
+        (
+            CallMinutes(key, names[key], round(sec / 60, 3))
+            for key, sec in seconds.items()
+        ),
+        key=lambda m: (-m.minutes, m.key or 0),
+    )
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
