@@ -393,6 +393,14 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        # Bundles have content-hashed names: a changed file is a new URL, so they can
+        # be kept for good. Everything else (pages, API answers) is never stored.
+        cache = (
+            b"public, max-age=31536000, immutable"
+            if scope["path"].startswith("/static/dist/")
+            else b"no-store"
+        )
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.setdefault("headers", [])
@@ -402,7 +410,7 @@ class SecurityHeaders:
                         (b"x-content-type-options", b"nosniff"),
                         (b"referrer-policy", b"no-referrer"),
                         (b"x-frame-options", b"DENY"),
-                        (b"cache-control", b"no-store"),
+                        (b"cache-control", cache),
                     ]
                 )
             await send(message)
@@ -453,7 +461,13 @@ async def _echo_service(settings: Settings) -> AsyncIterator[EchoService | None]
 
 
 async def page(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html")
+    index = STATIC / "index.html"  # written by the build (static/build.mjs)
+    if not index.exists():
+        return PlainTextResponse(
+            "The browser client is not built: run `make build` (`make run` does it).",
+            status_code=503,
+        )
+    return FileResponse(index)
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
@@ -590,7 +604,13 @@ def create_app(settings: Settings | None = None) -> SocketFront:
         Route("/admin/{rest:path}", page),
         Route("/dashboard", page),
         Route("/dashboard/{rest:path}", page),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        # Only the build output is served: not the sources, the build script or
+        # node_modules.
+        Mount(
+            "/static/dist",
+            StaticFiles(directory=STATIC / "dist", check_dir=False),
+            name="static",
+        ),
     ]
     app = Starlette(
         routes=routes,
