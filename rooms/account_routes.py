@@ -174,6 +174,28 @@ async def room_token(request: Request) -> Response:
     return json_response({"token": token, "expires_at": iso(expires)}, 201)
 
 
+async def room_members(request: Request) -> Response:
+    """Who belongs to the room's partnership, for any member (owners of activities,
+    call tiles): names, roles and institutions, not e-mail addresses."""
+    _, access = await room_member(request)
+    members = await admin.list_members(
+        request.app.state.db.sessions, access.partnership_id
+    )
+    return json_response(
+        {
+            "members": [
+                {
+                    "id": m["user_id"],
+                    "name": m["name"],
+                    "role": m["role"],
+                    "institution": m["institution"],
+                }
+                for m in members
+            ]
+        }
+    )
+
+
 async def room_messages(request: Request) -> Response:
     _, room_id = await _member_of(request)
     before = query_int(request, "before", None, low=1, high=2**62)
@@ -288,6 +310,7 @@ routes = [
     Route("/api/rooms", my_rooms, methods=["GET"]),
     Route("/api/rooms/{room_id}/tokens", room_token, methods=["POST"]),
     Route("/api/rooms/{room_id}/messages", room_messages, methods=["GET"]),
+    Route("/api/rooms/{room_id}/members", room_members, methods=["GET"]),
     Route("/api/invitations/accept", accept_invitation, methods=["POST"]),
     Route("/api/invitations/{code}", invitation_preview, methods=["GET"]),
 ]

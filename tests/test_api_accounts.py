@@ -646,3 +646,26 @@ async def test_revoked_and_unknown_codes_cannot_be_used(
         404,
         "not_found",
     )
+
+
+async def test_members_of_a_room_are_listed_for_its_members(
+    server: ServerProcess, world: World
+) -> None:
+    """Any member sees who belongs to the room (names, roles, institutions), never
+    their e-mail addresses; others get 403."""
+    ana = world.members[0]
+    observer = await world.add_member(
+        "Olga Observer", world.institutions[1], "observer"
+    )
+    r = await observer.http.get(f"/api/rooms/{world.room_id}/members")
+    assert r.status_code == 200, r.text
+    members = {m["id"]: m for m in r.json()["members"]}
+    assert set(members) == {m.id for m in world.members}
+    assert members[ana.id]["name"] == ana.name
+    assert members[ana.id]["role"] == "instructor"
+    assert members[ana.id]["institution"]["id"] == world.institutions[0]
+    assert members[observer.id]["role"] == "observer"
+    assert "email" not in r.text
+    async with World.create(server, members=1) as other:
+        r = await other.members[0].http.get(f"/api/rooms/{world.room_id}/members")
+        assert r.status_code == 403

@@ -67,3 +67,20 @@ def test_secret_key_is_generated_once_and_kept_private(tmp_path: Path) -> None:
     assert s1.secret_key == s2.secret_key and len(s1.secret_key) >= 32
     assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
     assert s1.secret_key not in repr(s1)
+
+
+def test_every_api_route_is_documented() -> None:
+    """Each HTTP API route has its heading in docs/api.md (``METHOD /path``)."""
+    api = (ROOT / "docs" / "api.md").read_text()
+    app = server.create_app(server.Settings(data_dir="/nonexistent")).app
+    missing = []
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if not path.startswith("/api/"):
+            continue
+        # ``/api/dashboard/{table}.csv`` is documented once, with its JSON table.
+        shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path).removesuffix(".csv")
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            if f"`{method} {shown}" not in api:
+                missing.append(f"{method} {shown}")
+    assert not missing, missing
