@@ -37,3 +37,18 @@ async def open_stalled_socket(
     if not response.startswith(b"HTTP/1.1 101"):
         raise ConnectionError(response.decode(errors="replace"))
     return sock
+
+
+async def send_text_frame(sock: socket.socket, text: str) -> None:
+    """Send one masked text frame (RFC 6455 §5.2) on a raw client socket."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = bytes([0x81, 0x80 | length])
+    elif length < 1 << 16:
+        header = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await asyncio.get_running_loop().sock_sendall(sock, header + mask + masked)

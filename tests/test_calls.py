@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import dedicated_server
+from tests.rawsocket import open_stalled_socket, send_text_frame
 from tests.support import Member, ServerProcess, Socket, World, join, room_socket
 
 pytestmark = pytest.mark.anyio
@@ -500,3 +502,30 @@ async def test_call_records_follow_joins_leaves_and_disconnects(
     async with World.create(server, members=1) as elsewhere:
         r = await elsewhere.members[0].http.get(f"/api/rooms/{room}/calls")
         assert r.status_code == 403
+
+
+async def test_a_dead_connection_leaves_the_call(
+    server: ServerProcess, world: World
+) -> None:
+    """A participant whose connection stops answering pings is taken out of the call."""
+    a, ghost = world.members[:2]
+    token = await ghost.token(world.room_id)
+    async with in_call(server, a, world.room_id) as (sa, _ja):
+        raw = await open_stalled_socket(
+            "127.0.0.1", server.port, f"/ws/rooms/{world.room_id}?token={token}"
+        )
+        try:
+            await send_text_frame(raw, json.dumps({"type": "call.join"}))
+            joined = await sa.recv_until("call.participant_joined")
+            while joined["participant"]["user"]["id"] != ghost.id:
+                joined = await sa.recv_until("call.participant_joined")
+            started = time.monotonic()
+            left = await sa.recv_until(
+                "call.participant_left",
+                connection_id=joined["participant"]["connection_id"],
+            )
+            assert left["reason"] == "disconnected"
+            # The shared server pings every 1 s and waits 1 s for the pong.
+            assert time.monotonic() - started < 5
+        finally:
+            raw.close()
