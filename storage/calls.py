@@ -34,7 +34,6 @@ async def record_join(
 
     Returns the call's id and the participant row's id.
     """
-    used = set(used)
     async with sessions.begin() as session:
         if call_id is None:
             call_id = (
@@ -52,9 +51,7 @@ async def record_join(
                     user_id=user_id,
                     connection_id=conn_id,
                     joined_at=at,
-                    audio="audio" in used,
-                    video="video" in used,
-                    screen="screen" in used,
+                    **_media_used(used),
                 )
                 .returning(CallParticipant.id)
             )
@@ -72,7 +69,6 @@ async def record_leave(
     end_call_id: int | None = None,
 ) -> None:
     """Store a participant leaving (and the call ending, when it was the last one)."""
-    used = set(used)
     async with sessions.begin() as session:
         await session.execute(
             update(CallParticipant)
@@ -80,9 +76,7 @@ async def record_leave(
             .values(
                 left_at=at,
                 left_reason=reason,
-                audio="audio" in used,
-                video="video" in used,
-                screen="screen" in used,
+                **_media_used(used),
             )
         )
         if end_call_id is not None:
@@ -96,14 +90,11 @@ async def record_leave(
 async def record_media(
     sessions: Sessions, *, record_id: int, used: Iterable[str]
 ) -> None:
-    used = set(used)
     async with sessions.begin() as session:
         await session.execute(
             update(CallParticipant)
             .where(CallParticipant.id == record_id)
-            .values(
-                audio="audio" in used, video="video" in used, screen="screen" in used
-            )
+            .values(**_media_used(used))
         )
 
 
@@ -273,6 +264,12 @@ async def call_minutes(
         ),
         key=lambda m: (-m.minutes, m.key or 0),
     )
+
+
+def _media_used(used: Iterable[str]) -> dict[str, bool]:
+    """The participant's media columns: whether each was on at any time."""
+    kinds = set(used)
+    return {kind: kind in kinds for kind in ("audio", "video", "screen")}
 
 
 def _iso(moment: dt.datetime | None) -> str | None:
