@@ -45,6 +45,10 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True):
     connections of ``user_id``).
     ``to`` names one connection when the frame is for it alone (call signals);
     empty means every member of the room.
+    ``edit`` is the chat edit sequence a ``chat.edited``/``chat.deleted`` frame
+    carries (0 otherwise), so a resync knows which changes a room already saw.
+    ``data`` is a binary payload (a stored Yjs update, an awareness frame) and
+    ``source`` names the live copy that published it, so that copy skips it.
     """
 
     text: str = ""
@@ -52,6 +56,9 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True):
     control: str = ""
     user_id: int = 0
     to: str = ""
+    data: bytes = b""
+    source: str = ""
+    edit: int = 0
 
 
 Deliver = Callable[[Envelope], None]

@@ -19,7 +19,6 @@ import anyio.abc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access, Authenticator
-from rooms.broker import Envelope
 from rooms.errors import (
     BadMessage,
     MessageTooBig,
@@ -63,7 +62,6 @@ from signaling.messages import (
     EchoStop,
 )
 from storage.chat import edits_between, mark_read, messages_between, room_counters
-from storage.events import EventRow
 from storage.models import MemberRole, UserRole
 
 if TYPE_CHECKING:
@@ -237,6 +235,7 @@ class Connection:
             )
         )
         self.member.floor = last_seq
+        room.started_at(last_seq, last_edit)
         if after is not None:
             await self._replay(after, edits_after, last_seq, last_edit)
 
@@ -320,32 +319,7 @@ class Connection:
             log.exception("conn %s: leaving presence failed", self.conn_id)
 
     async def _announce(self, change: Change) -> None:
-        kind = change.kind
-        if kind == "none":
-            return
-        hub = self.services.hub
-        if kind == "join":
-            assert change.after is not None
-            frame = {"type": "presence.join", **change.after.as_json()}
-            hub.record(
-                EventRow("join", self.room_id, self.user.id, {"conn": self.conn_id})
-            )
-        elif kind == "leave":
-            frame = {"type": "presence.leave", "user_id": self.user.id}
-            hub.record(
-                EventRow("leave", self.room_id, self.user.id, {"conn": self.conn_id})
-            )
-        else:
-            assert change.after is not None
-            after = change.after
-            frame = {
-                "type": "presence.update",
-                "user_id": after.user.id,
-                "status": after.status,
-                "typing": after.typing,
-                "connections": after.connections,
-            }
-        await hub.publish(self.room_id, Envelope(text=encode(frame)))
+        await self.services.hub.announce(self.room_id, change, self.conn_id)
 
     def _send_failed(self, error: BaseException) -> None:
         """The pump could not send: a vanished client just ends the connection."""

@@ -27,19 +27,72 @@ from rooms.messages import (
     create_chat_change,
     create_chat_message,
     create_error,
+    encode,
 )
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
-from rooms.presence import PresenceUser
-from storage.chat import ChatEditRefused, NewMessage, append_messages, change_message
+from rooms.presence import Change, PresenceStore, PresenceUser
+from storage.chat import (
+    ChatEditRefused,
+    NewMessage,
+    append_messages,
+    change_message,
+    edits_between,
+    messages_between,
+    room_counters,
+)
 from storage.database import Database
 from storage.events import EventRow, insert_events
 
 log = logging.getLogger(__name__)
 
 
+RESYNC_PAGE = 500
+
+
 def room_topic(room_id: int) -> str:
     return f"room:{room_id}"
+
+
+class SeqWindow:
+    """Which sequences (chat ``seq`` or edit ``edit_seq``) a room has delivered.
+
+    Everything up to ``mark`` was delivered (or predates every member); above it,
+    ``seen`` holds what arrived out of order. A resync sends what is in neither.
+    """
+
+    __slots__ = ("mark", "seen")
+
+    def __init__(self) -> None:
+        self.mark: int | None = None
+        self.seen: set[int] = set()
+
+    def start(self, mark: int) -> None:
+        """Set the mark when the first member got its welcome (its floor)."""
+        if self.mark is None:
+            self.advance_to(mark)
+
+    def note(self, seq: int) -> None:
+        if self.mark is None or seq > self.mark:
+            self.seen.add(seq)
+            self._advance()
+
+    def has(self, seq: int) -> bool:
+        return (self.mark is not None and seq <= self.mark) or seq in self.seen
+
+    def advance_to(self, mark: int) -> None:
+        """Everything up to ``mark`` is now delivered."""
+        if self.mark is None or mark > self.mark:
+            self.mark = mark
+            self.seen = {s for s in self.seen if s > mark}
+        self._advance()
+
+    def _advance(self) -> None:
+        if self.mark is None:
+            return
+        while self.mark + 1 in self.seen:
+            self.seen.remove(self.mark + 1)
+            self.mark += 1
 
 
 @dataclass(eq=False, slots=True)
@@ -265,7 +318,9 @@ class ChatWriter:
             edited_at=changed.edited_at or changed.created_at,
             deleted=changed.deleted,
         )
-        await room.hub.broker.publish(room_topic(room.room_id), Envelope(text=frame))
+        await room.hub.broker.publish(
+            room_topic(room.room_id), Envelope(text=frame, edit=changed.edit_seq)
+        )
 
 
 class LocalRoom:
@@ -285,9 +340,26 @@ class LocalRoom:
             linger=hub.chat_linger,
         )
         self._stack = contextlib.AsyncExitStack()
+        # What this room delivered, for resyncs after broker outages.
+        self.chat_seen = SeqWindow()
+        self.edits_seen = SeqWindow()
+        self._resync_state: Literal["idle", "running", "again"] = "idle"
+
+    def started_at(self, last_seq: int, last_edit: int) -> None:
+        """A member got its welcome with these counters (its floor)."""
+        self.chat_seen.start(last_seq)
+        self.edits_seen.start(last_edit)
 
     def deliver(self, envelope: Envelope) -> None:
         """Broker callback: hand one envelope to every local member, never waiting."""
+        if envelope.seq:
+            if self.chat_seen.has(envelope.seq):
+                return  # already sent by a resync
+            self.chat_seen.note(envelope.seq)
+        elif envelope.edit:
+            if self.edits_seen.has(envelope.edit):
+                return
+            self.edits_seen.note(envelope.edit)
         if envelope.control == "revoke":
             for member in list(self.members.values()):
                 if member.user.id == envelope.user_id:
@@ -301,9 +373,120 @@ class LocalRoom:
         for member in list(self.members.values()):
             member.offer(envelope.text, envelope.seq)
 
+    def on_resync(self) -> None:
+        """Broker hook: envelopes may have been lost; catch up from the database."""
+        if self.closed:
+            return
+        if self._resync_state != "idle":
+            self._resync_state = "again"
+            return
+        self._resync_state = "running"
+        self.hub.metrics_resyncs += 1
+        self.hub.spawn(self._resync)
+
+    async def _resync(self) -> None:
+        delay = 0.2
+        try:
+            while not self.closed:
+                try:
+                    await self._catch_up()
+                except Exception as exc:  # noqa: BLE001 - database down: retry with backoff
+                    log.warning(
+                        "room %s: resync failed (%s); retrying in %.1fs",
+                        self.room_id,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if self._resync_state != "again":
+                    return
+                self._resync_state = "running"
+        finally:
+            self._resync_state = "idle"
+
+    async def _catch_up(self) -> None:
+        """Send each member the chat messages and edits it missed, then presence.
+
+        Counters are read first: everything up to them is either already
+        delivered (the windows say so) or sent now, so the windows move up to them.
+        Members' floors drop what a resuming member already got from its replay.
+        """
+        hub = self.hub
+        async with hub.sessions() as session:
+            last_seq, last_edit = await room_counters(session, self.room_id)
+        chat = self.chat_seen
+        if chat.mark is not None:
+            cursor = chat.mark
+            while cursor < last_seq:
+                async with hub.sessions() as session:
+                    page = await messages_between(
+                        session,
+                        self.room_id,
+                        after=cursor,
+                        upto=last_seq,
+                        limit=RESYNC_PAGE,
+                    )
+                if not page:
+                    break
+                for m in page:
+                    if chat.has(m.seq):
+                        continue
+                    chat.note(m.seq)
+                    frame = create_chat_message(
+                        seq=m.seq,
+                        client_id=m.client_id,
+                        author={"id": m.author_id, "name": m.author_name},
+                        text=m.text,
+                        created_at=m.created_at,
+                        edited_at=m.edited_at,
+                        deleted=m.deleted,
+                    )
+                    for member in list(self.members.values()):
+                        member.offer(frame, m.seq)
+                cursor = page[-1].seq
+            chat.advance_to(last_seq)
+        edits = self.edits_seen
+        if edits.mark is not None and edits.mark < last_edit:
+            async with hub.sessions() as session:
+                changed = await edits_between(
+                    session,
+                    self.room_id,
+                    edits_after=edits.mark,
+                    upto_edit=last_edit,
+                    upto_seq=last_seq,
+                )
+            for m in changed:
+                assert m.edit_seq is not None
+                if edits.has(m.edit_seq):
+                    continue
+                frame = create_chat_change(
+                    seq=m.seq,
+                    edit_seq=m.edit_seq,
+                    text=m.text,
+                    edited_at=m.edited_at or m.created_at,
+                    deleted=m.deleted,
+                )
+                for member in list(self.members.values()):
+                    member.offer(frame)
+            edits.advance_to(last_edit)
+        if hub.presence is not None:
+            snapshot = await hub.presence.snapshot(self.room_id)
+            frame = encode(
+                {
+                    "type": "presence.snapshot",
+                    "presence": [p.as_json() for p in snapshot],
+                }
+            )
+            for member in list(self.members.values()):
+                member.offer(frame)
+
     async def _start(self) -> None:
         await self._stack.enter_async_context(
-            self.hub.broker.subscribe(room_topic(self.room_id), self.deliver)
+            self.hub.broker.subscribe(
+                room_topic(self.room_id), self.deliver, self.on_resync
+            )
         )
         self.hub.spawn(self.chat.run)
         self.started = True
@@ -346,6 +529,10 @@ class RoomHub:
         self._events: asyncio.Queue[EventRow | None] = asyncio.Queue()
         self._event_queue_size = event_queue_size
         self._event_writer: asyncio.Task[None] | None = None
+        # Set once the presence store is open (it is opened after the hub, so that
+        # its expiry hook can announce through the hub).
+        self.presence: PresenceStore | None = None
+        self.metrics_resyncs = 0
 
     async def __aenter__(self) -> RoomHub:
         self._event_writer = asyncio.create_task(self._write_events())
@@ -415,6 +602,39 @@ class RoomHub:
 
     async def publish(self, room_id: int, envelope: Envelope) -> None:
         await self.broker.publish(room_topic(room_id), envelope)
+
+    async def announce(
+        self, room_id: int, change: Change, conn_id: str | None = None
+    ) -> None:
+        """Publish a presence change as ``presence.join/leave/update`` and record
+        joins and leaves (``conn_id`` None: a change no local connection made,
+        such as a dead process's connections expiring)."""
+        kind = change.kind
+        if kind == "none":
+            return
+        details: dict[str, Any] = {"conn": conn_id}
+        if conn_id is None:
+            details["expired"] = True
+        if kind == "join":
+            assert change.after is not None
+            frame = {"type": "presence.join", **change.after.as_json()}
+            self.record(EventRow("join", room_id, change.after.user.id, details))
+        elif kind == "leave":
+            assert change.before is not None
+            user_id = change.before.user.id
+            frame = {"type": "presence.leave", "user_id": user_id}
+            self.record(EventRow("leave", room_id, user_id, details))
+        else:
+            assert change.after is not None
+            after = change.after
+            frame = {
+                "type": "presence.update",
+                "user_id": after.user.id,
+                "status": after.status,
+                "typing": after.typing,
+                "connections": after.connections,
+            }
+        await self.publish(room_id, Envelope(text=encode(frame)))
 
     def record(self, row: EventRow) -> None:
         """Queue an activity event; dropped (and counted) if the writer is far behind."""
