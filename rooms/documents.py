@@ -9,6 +9,14 @@ Its single writer task owns the write path::
       → apply to the live document and queue the update frame for every live
         connection, in one step with no await in between
 
+Across processes, each live copy subscribes to its document's topic
+(``doc:{room}:{name}``) before loading (updates commute, so anything published
+while it loads is applied afterwards) and publishes every update once it is
+stored. A copy that may have missed some (the broker's ``on_resync``: a Redis
+outage) catches up by a state-vector exchange with storage: it loads the stored
+snapshot and log, applies what the live copy lacks and sends that difference to
+its connections. Awareness crosses processes as the flushed frames.
+
 So the live document always equals what is stored: a joining client's sync step 2
 never holds anything unstored, and nothing is broadcast before it is stored. Because
 apply-and-broadcast is one step, a client that completes its handshake (sync step 1
@@ -22,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -55,6 +64,39 @@ log = logging.getLogger(__name__)
 EMPTY_UPDATE = b"\x00\x00"
 # Updates applied and broadcast between two yields to the event loop.
 YIELD_EVERY = 32
+
+
+def doc_topic(room_id: int, name: str) -> str:
+    return f"doc:{room_id}:{name}"
+
+
+class _Feed:
+    """A document's broker subscription: holds what arrives until the copy is built."""
+
+    def __init__(self) -> None:
+        self.doc: LiveDocument | None = None
+        self.early: list[Envelope] = []
+        self.resync_wanted = False
+
+    def deliver(self, envelope: Envelope) -> None:
+        if self.doc is None:
+            self.early.append(envelope)
+        else:
+            self.doc.receive(envelope)
+
+    def on_resync(self) -> None:
+        if self.doc is None:
+            self.resync_wanted = True
+        else:
+            self.doc.request_resync()
+
+    def attach(self, doc: LiveDocument) -> None:
+        self.doc = doc
+        early, self.early = self.early, []
+        for envelope in early:
+            doc.receive(envelope)
+        if self.resync_wanted:
+            doc.request_resync()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +227,10 @@ class LiveDocument:
         # earliest time of the next one (large lists are read less often).
         self.projected: dict[str, dict[str, Any]] | None = None
         self.projection_not_before = 0.0
+        self.instance = uuid.uuid4().hex  # skips its own envelopes
+        self.topic = doc_topic(room_id, name)
+        self.subscription: contextlib.AsyncExitStack | None = None
+        self._resync_state = "idle"  # idle | running | again
 
     # -- connections and the handshake ------------------------------------------
 
@@ -377,6 +423,9 @@ class LiveDocument:
                 if conn.live and conn is not pending.conn:
                     conn.offer(frame)
             pending.settle()
+            await self.registry.broker.publish(
+                self.topic, Envelope(data=pending.update, source=self.instance)
+            )
             self.stored_bytes += len(pending.update)
             self.log_rows += 1
             if pending.user_id is not None:
@@ -391,6 +440,84 @@ class LiveDocument:
             )
         if self.compaction_due():
             self.registry.request_compaction(self)
+
+    # -- other processes ------------------------------------------------------------
+
+    def receive(self, envelope: Envelope) -> None:
+        """Broker callback: another process's stored update or awareness frame."""
+        if envelope.source == self.instance or not envelope.data:
+            return
+        if envelope.control == "awareness":
+            for conn in self.conns.values():
+                conn.offer(envelope.data)
+            return
+        try:
+            crdt.apply(self.doc, envelope.data)
+            crdt.apply(self.shadow, envelope.data)
+        except crdt.UpdateRejected as exc:
+            log.error(
+                "document %s/%s: update from another process rejected (%s)",
+                self.room_id,
+                self.name,
+                exc,
+            )
+            self.request_resync()
+            return
+        frame = create_update(envelope.data)
+        for conn in self.conns.values():
+            if conn.live:
+                conn.offer(frame)
+        self.stored_bytes += len(envelope.data)
+        self.registry.metrics.doc_updates.inc()
+
+    def request_resync(self) -> None:
+        """Updates may have been missed: catch up from storage (coalesced)."""
+        if self._resync_state != "idle":
+            self._resync_state = "again"
+            return
+        self._resync_state = "running"
+        self.registry._spawn(self._resync())
+
+    async def _resync(self) -> None:
+        delay = 0.2
+        try:
+            while not self.closed.is_set():
+                try:
+                    await self.catch_up()
+                except Exception as exc:  # noqa: BLE001 - storage down: retry
+                    log.warning(
+                        "document %s/%s: resync failed (%s); retrying in %.1fs",
+                        self.room_id,
+                        self.name,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if self._resync_state != "again":
+                    return
+                self._resync_state = "running"
+        finally:
+            self._resync_state = "idle"
+
+    async def catch_up(self) -> None:
+        """State-vector exchange with storage: apply and broadcast what is missing."""
+        stored = await store.load_document(self.registry.sessions, self.document_id)
+        parts = ([stored.snapshot] if stored.snapshot else []) + stored.updates
+        if not parts:
+            return
+        kept = crdt.build(parts)
+        diff = kept.get_update(self.doc.get_state())
+        if diff == EMPTY_UPDATE:
+            return
+        crdt.apply(self.doc, diff)
+        crdt.apply(self.shadow, diff)
+        frame = create_update(diff)
+        for conn in self.conns.values():
+            if conn.live:
+                conn.offer(frame)
+        self.registry.resynced += 1
 
     def compaction_due(self) -> bool:
         """Fold the log when it is long and at least half the snapshot's size: each
@@ -468,6 +595,12 @@ class LiveDocument:
         self._pending_awareness.clear()
         for conn in self.conns.values():
             conn.offer(frame)
+        self.registry._spawn(
+            self.registry.broker.publish(
+                self.topic,
+                Envelope(data=frame, control="awareness", source=self.instance),
+            )
+        )
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -533,6 +666,7 @@ class DocumentRegistry:
         self._compactions: set[int] = set()
         self._user_conns: dict[int, int] = {}
         self._janitor: asyncio.Task[None] | None = None
+        self.resynced = 0  # documents that caught up from storage after a resync
 
     async def __aenter__(self) -> DocumentRegistry:
         self._janitor = asyncio.create_task(self._housekeeping())
@@ -634,6 +768,25 @@ class DocumentRegistry:
             return doc
 
     async def _load(self, room_id: int, name: str) -> LiveDocument:
+        # Subscribe first, then load: what is published meanwhile is applied after.
+        feed = _Feed()
+        subscription = contextlib.AsyncExitStack()
+        await subscription.enter_async_context(
+            self.broker.subscribe(
+                doc_topic(room_id, name), feed.deliver, feed.on_resync
+            )
+        )
+        try:
+            doc = await self._load_stored(room_id, name)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await subscription.aclose()
+            raise
+        doc.subscription = subscription
+        feed.attach(doc)
+        return doc
+
+    async def _load_stored(self, room_id: int, name: str) -> LiveDocument:
         try:
             doc_id = await store.document_id(
                 self.sessions,
@@ -689,6 +842,9 @@ class DocumentRegistry:
         doc.unloading = True
         doc.stop()
         doc.closed.set()
+        if doc.subscription is not None:
+            self._spawn(doc.subscription.aclose())
+            doc.subscription = None
 
     def request_compaction(self, doc: LiveDocument) -> None:
         if doc.document_id in self._compactions:
@@ -765,6 +921,9 @@ class DocumentRegistry:
                     del self._docs[(doc.room_id, doc.name)]
                     self.metrics.documents.dec()
                 doc.closed.set()
+                if doc.subscription is not None:
+                    subscription, doc.subscription = doc.subscription, None
+                    await subscription.aclose()
         if not any(rid == doc.room_id for rid, _ in self._docs):
             stack = self._room_subscriptions.pop(doc.room_id, None)
             if stack is not None:
