@@ -89,6 +89,28 @@ class Settings:
         "Redis URL for fan-out between processes. Empty: in-process broker (one process).",
         default="",
     )
+    redis_prefix: str = _help(
+        "Prefix of every Redis channel and key; servers sharing a Redis for one "
+        "deployment use the same one, other deployments (or tests) another.",
+        default="coilroom:",
+    )
+    presence_expiry: float = _help(
+        "Seconds within which the members of a process that died are announced as "
+        "gone (Redis only; under 30).",
+        default=15.0,
+    )
+    broker_send_queue: int = _help(
+        "Envelopes waiting to be written to Redis before further ones are dropped "
+        "(and the other processes told to resync).",
+        default=10_000,
+    )
+    broker_send_queue_bytes: int = _help(
+        "Bytes waiting to be written to Redis before further envelopes are dropped.",
+        default=64 << 20,
+    )
+    redis_timeout: float = _help(
+        "Seconds to connect to Redis or wait for one of its answers.", default=2.0
+    )
     secret_key: str = _help(
         "Key that signs room tokens. Empty: generated once and kept in DATA_DIR/secret_key.",
         default="",
@@ -476,6 +498,66 @@ async def not_found(request: Request, exc: Exception) -> Response:
     return await http_error_handler(request, exc)
 
 
+def _broker_options(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_url:
+        return {}
+    return {
+        "channel_prefix": settings.redis_prefix,
+        "send_queue_limit": settings.broker_send_queue,
+        "send_queue_bytes": settings.broker_send_queue_bytes,
+        "connect_timeout": settings.redis_timeout,
+        "command_timeout": settings.redis_timeout,
+    }
+
+
+def _presence_options(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_url:
+        return {}
+    return {
+        "key_prefix": settings.redis_prefix + "presence:",
+        "expiry": settings.presence_expiry,
+        "connect_timeout": settings.redis_timeout,
+        "command_timeout": settings.redis_timeout,
+    }
+
+
+class _FanOutCollector:
+    """Broker counters and resyncs for ``/metrics`` (read when scraped)."""
+
+    def __init__(self, broker: Any, hub: RoomHub, documents: DocumentRegistry) -> None:
+        self.broker = broker
+        self.hub = hub
+        self.documents = documents
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = getattr(self.broker, "stats", None)
+        if stats is not None:
+            for name in dataclasses.asdict(stats):
+                yield CounterMetricFamily(
+                    f"coilroom_broker_{name}",
+                    f"Redis broker: {name.replace('_', ' ')}",
+                    value=getattr(stats, name),
+                )
+            state = getattr(self.broker, "state", None)
+            yield GaugeMetricFamily(
+                "coilroom_broker_up",
+                "1 while the broker's Redis subscriber connection is live",
+                value=1.0 if state is not None and state.value == "live" else 0.0,
+            )
+        yield CounterMetricFamily(
+            "coilroom_room_resyncs",
+            "Room catch-ups from the database after broker losses",
+            value=self.hub.metrics_resyncs,
+        )
+        yield CounterMetricFamily(
+            "coilroom_document_resyncs",
+            "Documents that applied missing updates from storage after a resync",
+            value=self.documents.resynced,
+        )
+
+
 def create_app(settings: Settings | None = None) -> SocketFront:
     """Build the ASGI app. Resources open in the lifespan and close in reverse order."""
     settings = (settings or Settings.from_environ()).resolved()
@@ -501,8 +583,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
             open_database(
                 settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
             ) as db,
-            open_broker(settings.redis_url) as broker,
-            open_presence(settings.redis_url) as presence,
+            open_broker(settings.redis_url, **_broker_options(settings)) as broker,
             _echo_service(settings) as echo,
             RoomHub(
                 db=db,
@@ -535,7 +616,16 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                     max_connections_per_user=settings.max_doc_connections_per_user,
                 ),
             ) as documents,
+            # After the hub: presence expiring on a dead process is announced
+            # through it.
+            open_presence(
+                settings.redis_url,
+                on_expired=hub.announce,
+                **_presence_options(settings),
+            ) as presence,
         ):
+            hub.presence = presence
+            app_metrics.registry.register(_FanOutCollector(broker, hub, documents))
             auth = Authenticator(
                 secret_key=settings.secret_key,
                 sessions=db.sessions,
