@@ -1,0 +1,209 @@
+"""Several server processes sharing one PostgreSQL database and one Redis.
+
+Each test starts its own processes on a fresh PostgreSQL database, with a Redis key
+prefix of its own, so tests never see each other's channels or presence keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.support import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    TIMEOUT,
+    ServerProcess,
+    Socket,
+    World,
+    create_postgres_database,
+    drop_postgres_database,
+    join,
+)
+from tests.yclient import add_activity, yclient
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+EXPIRY = 3.0  # presence expiry of these tests' processes, seconds
+
+
+async def wait_join(sock: Socket, user_id: int) -> dict[str, Any]:
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            frame = await sock.recv_until("presence.join")
+            if frame["user"]["id"] == user_id:
+                return frame
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """Two server processes on one fresh PostgreSQL database and one Redis."""
+    with cluster(tmp_path) as procs:
+        yield procs
+
+
+@contextlib.contextmanager
+def cluster(
+    tmp_path: Path, count: int = 2, redis_url: str = REDIS_URL
+) -> Iterator[list[ServerProcess]]:
+    """``count`` server processes on one fresh PostgreSQL database and one Redis."""
+    name = f"coilroom_mp_{uuid.uuid4().hex[:10]}"
+    url = create_postgres_database(POSTGRES_ADMIN_URL, name)
+    settings = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": f"coilroom-test-{uuid.uuid4().hex[:8]}:",
+        "PRESENCE_EXPIRY": str(EXPIRY),
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "MESSAGES_PER_SECOND": "1000",
+        "MESSAGE_BURST": "1000",
+        "DOC_UPDATES_PER_SECOND": "5000",
+        "DOC_UPDATE_BURST": "5000",
+        "AUTO_MIGRATE": "false",
+    }
+    procs = [
+        ServerProcess(database_url=url, data_dir=tmp_path / f"p{i}", settings=settings)
+        for i in range(count)
+    ]
+    for p in procs:
+        p.data_dir.mkdir(parents=True, exist_ok=True)
+    procs[0].create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)  # migrates the database
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            if p.proc is not None:
+                p.stop()
+        drop_postgres_database(POSTGRES_ADMIN_URL, name)
+
+
+async def test_members_on_two_processes_share_presence_and_chat(
+    pair: list[ServerProcess],
+) -> None:
+    a, b = pair
+    if True:
+        async with World.create(a, members=2) as world:
+            m1, m2 = world.members
+            async with (
+                await join(a, m1, world.room_id) as s1,
+                await join(b, m2, world.room_id) as s2,
+            ):
+                await wait_join(s1, m2.id)
+                assert {p["user"]["id"] for p in s2.welcome["presence"]} == {
+                    m1.id,
+                    m2.id,
+                }
+                # Both send at once from both processes: one gap-free sequence.
+                for i in range(20):
+                    await s1.send({"type": "chat.send", "id": f"a{i}", "text": f"a{i}"})
+                    await s2.send({"type": "chat.send", "id": f"b{i}", "text": f"b{i}"})
+                got1 = await s1.collect("chat.message", 40)
+                got2 = await s2.collect("chat.message", 40)
+                by_seq1 = {m["seq"]: m["text"] for m in got1}
+                by_seq2 = {m["seq"]: m["text"] for m in got2}
+                assert by_seq1 == by_seq2
+                assert sorted(by_seq1) == list(range(1, 41))
+            # m2 left on b: a announces it to whoever is still there.
+
+
+async def test_yjs_clients_on_two_processes_converge(pair: list[ServerProcess]) -> None:
+    a, b = pair
+    if True:
+        async with World.create(a, members=2) as world:
+            m1, m2 = world.members
+            t1, t2 = await m1.token(world.room_id), await m2.token(world.room_id)
+            async with (
+                yclient(a, world.room_id, "agreement", t1) as y1,
+                yclient(b, world.room_id, "agreement", t2) as y2,
+            ):
+                for i in range(15):
+                    await y1.edit(add_activity(f"a{i}", title=f"A {i}"))
+                    await y2.edit(add_activity(f"b{i}", title=f"B {i}"))
+                await y1.wait_for(lambda: len(y1.activities()) == 30)
+                await y2.wait_for(lambda: len(y2.activities()) == 30)
+                assert y1.activities() == y2.activities()
+            # A third client loading from b's storage sees the same state.
+            async with yclient(b, world.room_id, "agreement", t2) as y3:
+                await y3.wait_for(lambda: len(y3.activities()) == 30)
+
+
+async def test_kill_9_one_process(pair: list[ServerProcess]) -> None:
+    a, b = pair
+    if True:
+        async with World.create(a, members=3) as world:
+            m1, m2, m3 = world.members
+            t3 = await m3.token(world.room_id)
+            async with (
+                await join(a, m1, world.room_id) as s1,
+                yclient(a, world.room_id, "notes", t3) as y_a,
+            ):
+                dead = await join(b, m2, world.room_id)
+                s2 = await dead.__aenter__()
+                y_b_ctx = yclient(b, world.room_id, "notes", t3)
+                y_b = await y_b_ctx.__aenter__()
+                await wait_join(s1, m2.id)
+                for i in range(10):
+                    await s2.send({"type": "chat.send", "id": f"b{i}", "text": f"b{i}"})
+                    await y_b.edit(add_activity(f"b{i}"))
+                    await s1.send({"type": "chat.send", "id": f"a{i}", "text": f"a{i}"})
+                got = await s1.collect("chat.message", 20)
+                seen = max(m["seq"] for m in got)
+                await y_a.wait_for(lambda: len(y_a.activities()) == 10)
+                b.kill()
+                killed_at = time.monotonic()
+                # Traffic on the survivor goes on.
+                for i in range(10, 15):
+                    await s1.send({"type": "chat.send", "id": f"a{i}", "text": f"a{i}"})
+                left = await s1.recv_until(
+                    "presence.leave", timeout=EXPIRY + 5, user_id=m2.id
+                )
+                assert left and time.monotonic() - killed_at <= EXPIRY + 1.5
+                with contextlib.suppress(Exception):
+                    await y_b_ctx.__aexit__(None, None, None)
+                with contextlib.suppress(Exception):
+                    await dead.__aexit__(None, None, None)
+                # m2 reconnects to the survivor and resumes after what it saw.
+                async with await join(
+                    a, m2, world.room_id, params={"after": 0}
+                ) as again:
+                    replay = await again.collect("chat.message", 25)
+                    assert [m["seq"] for m in replay] == list(range(1, 26))
+                    assert seen <= 25
+                async with yclient(a, world.room_id, "notes", t3) as y_again:
+                    await y_again.wait_for(lambda: len(y_again.activities()) == 10)
+                assert len(y_a.activities()) == 10
+
+
+async def test_document_loaded_while_another_process_edits(
+    pair: list[ServerProcess],
+) -> None:
+    a, b = pair
+    if True:
+        async with World.create(a, members=2) as world:
+            m1, m2 = world.members
+            t1, t2 = await m1.token(world.room_id), await m2.token(world.room_id)
+            async with yclient(a, world.room_id, "plan", t1) as y1:
+
+                async def edit() -> None:
+                    for i in range(60):
+                        await y1.edit(add_activity(f"x{i}"))
+                        await asyncio.sleep(0.005)
+
+                task = asyncio.create_task(edit())
+                await asyncio.sleep(0.05)
+                async with yclient(b, world.room_id, "plan", t2) as y2:
+                    await task
+                    await y2.wait_for(lambda: len(y2.activities()) == 60)
+                    await y1.wait_for(lambda: len(y1.activities()) == 60)
+                    assert y1.activities() == y2.activities()
