@@ -1,8 +1,8 @@
 """Call records: a row per call session and per participant's stay in it.
 
 Written by ``signaling.service`` as people join and leave (one short transaction
-each); read by the room's call history and by the dashboards (call minutes per
-room and per institution).
+each); read by the room's call history (the dashboards sum the ``call`` activity
+events written alongside).
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.models import CallParticipant, CallSession, Institution, Room, User
+from storage.models import CallParticipant, CallSession, User
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -202,68 +201,6 @@ async def room_calls(
         CallRecord(c.id, c.started_by, c.started_at, c.ended_at, stays[c.id])
         for c in calls
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class CallMinutes:
-    key: int | None
-    name: str | None
-    minutes: float
-
-
-async def call_minutes(
-    session: AsyncSession,
-    *,
-    by: Literal["room", "institution"],
-    since: dt.datetime,
-    until: dt.datetime,
-    now: dt.datetime,
-    room_ids: Iterable[int] | None = None,
-) -> list[CallMinutes]:
-    """Participant minutes within ``[since, until)``, per room or per institution.
-
-    A stay still open counts up to ``now``. Each participant's own time counts, so
-    a one-hour call of three people is three hours of call minutes.
-    """
-    query = (
-        select(
-            CallParticipant.joined_at,
-            CallParticipant.left_at,
-            CallSession.room_id,
-            Room.name,
-            User.institution_id,
-            Institution.name,
-        )
-        .join(CallSession, CallSession.id == CallParticipant.call_id)
-        .join(Room, Room.id == CallSession.room_id)
-        .outerjoin(User, User.id == CallParticipant.user_id)
-        .outerjoin(Institution, Institution.id == User.institution_id)
-        .where(
-            CallParticipant.joined_at < until,
-            or_(CallParticipant.left_at.is_(None), CallParticipant.left_at > since),
-        )
-    )
-    if room_ids is not None:
-        query = query.where(and_(CallSession.room_id.in_(list(room_ids))))
-    seconds: dict[int | None, float] = {}
-    names: dict[int | None, str | None] = {}
-    for joined, left, room_id, room_name, inst_id, inst_name in await session.execute(
-        query
-    ):
-        start = max(joined, since)
-        end = min(left or now, until)
-        if end <= start:
-            continue
-        key, name = (room_id, room_name) if by == "room" else (inst_id, inst_name)
-        names[key] = name
-        seconds[key] = seconds.get(key, 0.0) + (end - start).total_seconds()
-    return sorted(
-        (
-            CallMinutes(key, names[key], round(sec / 60, 3))
-            for key, sec in seconds.items()
-        ),
-        key=lambda m: (-m.minutes, m.key or 0),
-    )
 
 
 def _media_used(used: Iterable[str]) -> dict[str, bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -492,3 +493,53 @@ async def test_a_dead_connection_leaves_the_call(
             assert time.monotonic() - started < 5
         finally:
             raw.close()
+
+
+@pytest.mark.slow
+async def test_call_minutes_on_the_dashboard_match_the_records(
+    server: ServerProcess, world: World
+) -> None:
+    """A real call, with one person in it from two tabs: the dashboard counts each
+    person's time once, and it agrees with the call records."""
+    a, b = world.members[:2]
+    room = world.room_id
+    # Long enough to show: the dashboard gives minutes to one decimal (6 s).
+    async with in_call(server, a, room):
+        async with in_call(server, b, room), in_call(server, b, room):
+            await asyncio.sleep(7)
+        await asyncio.sleep(3)
+    for _ in range(50):
+        calls = (await a.http.get(f"/api/rooms/{room}/calls")).json()["calls"]
+        if calls and calls[0]["ended_at"]:
+            break
+        await asyncio.sleep(0.1)
+    call = calls[0]
+
+    def seconds(stay: dict[str, Any]) -> float:
+        joined, left = (
+            dt.datetime.fromisoformat(stay[k].replace("Z", "+00:00"))
+            for k in ("joined_at", "left_at")
+        )
+        return (left - joined).total_seconds()
+
+    by_user: dict[int, list[float]] = {}
+    for stay in call["participants"]:
+        by_user.setdefault(stay["user"]["id"], []).append(seconds(stay))
+    assert len(by_user[b.id]) == 2  # two tabs, two stays
+    # B's two tabs overlapped: B was in the call for about as long as one stay.
+    expected = {a.id: by_user[a.id][0], b.id: max(by_user[b.id])}
+    institutions = {a.id: world.institutions[0], b.id: world.institutions[1]}
+    for _ in range(50):  # activity events are written in the background
+        r = await world.admin.get(
+            "/api/dashboard/institutions",
+            params={"partnership_id": world.partnership_id},
+        )
+        assert r.status_code == 200, r.text
+        minutes = {
+            row["institution_id"]: row["call_minutes"] for row in r.json()["rows"]
+        }
+        if all(minutes.get(institutions[u]) for u in expected):
+            break
+        await asyncio.sleep(0.1)
+    for user, secs in expected.items():
+        assert minutes[institutions[user]] == pytest.approx(secs / 60, abs=0.05), user
