@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -27,6 +30,7 @@ from tests.support import (
     World,
     create_postgres_database,
     drop_postgres_database,
+    free_port,
     join,
 )
 from tests.yclient import add_activity, yclient
@@ -207,3 +211,110 @@ async def test_document_loaded_while_another_process_edits(
                     await y2.wait_for(lambda: len(y2.activities()) == 60)
                     await y1.wait_for(lambda: len(y1.activities()) == 60)
                     assert y1.activities() == y2.activities()
+
+
+@contextlib.contextmanager
+def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), 0.2),
+        ):
+            break
+        time.sleep(0.02)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def wait_ready(server: ServerProcess, ready: bool) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=2) as http:
+        async with asyncio.timeout(TIMEOUT):
+            while (await http.get("/readyz")).status_code != (200 if ready else 503):
+                await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def redis_port() -> Iterator[int]:
+    port = free_port()
+    with private_redis(port):
+        yield port
+
+
+@pytest.fixture
+def pair_on_private_redis(
+    tmp_path: Path, redis_port: int
+) -> Iterator[list[ServerProcess]]:
+    with cluster(tmp_path, redis_url=f"redis://127.0.0.1:{redis_port}/0") as procs:
+        yield procs
+
+
+async def test_redis_restarted_during_traffic(
+    pair_on_private_redis: list[ServerProcess], redis_port: int
+) -> None:
+    a, b = pair_on_private_redis
+    await _redis_restart_scenario(a, b, redis_port)
+
+
+async def _redis_restart_scenario(
+    a: ServerProcess, b: ServerProcess, port: int
+) -> None:
+    async with World.create(a, members=2) as world:
+        m1, m2 = world.members
+        t1, t2 = await m1.token(world.room_id), await m2.token(world.room_id)
+        async with (
+            await join(a, m1, world.room_id) as s1,
+            await join(b, m2, world.room_id) as s2,
+            yclient(a, world.room_id, "plan", t1) as y1,
+            yclient(b, world.room_id, "plan", t2) as y2,
+        ):
+            await wait_join(s1, m2.id)
+            # Redis goes away: both sides keep working on their own.
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "shutdown", "nosave"],
+                capture_output=True,
+                check=False,
+            )
+            await wait_ready(a, False)
+            for i in range(10):
+                await s1.send({"type": "chat.send", "id": f"a{i}", "text": f"a{i}"})
+                await s2.send({"type": "chat.send", "id": f"b{i}", "text": f"b{i}"})
+                await y1.edit(add_activity(f"a{i}"))
+                await y2.edit(add_activity(f"b{i}"))
+            seen: dict[Socket, list[int]] = {s1: [], s2: []}
+
+            async def read(sock: Socket, until: Callable[[], bool]) -> None:
+                acks = 0
+                async with asyncio.timeout(TIMEOUT):
+                    while not until():
+                        frame = await sock.recv()
+                        if frame["type"] == "chat.message":
+                            seen[sock].append(frame["seq"])
+                        elif frame["type"] == "chat.ack":
+                            acks += 1
+                        if acks == 10 and until is never:
+                            return
+
+            def never() -> bool:
+                return False
+
+            await read(s1, never)
+            await read(s2, never)
+            # Redis comes back (empty): reconnect, resync.
+            with private_redis(port):
+                await wait_ready(a, True)
+                await wait_ready(b, True)
+                await y1.wait_for(lambda: len(y1.activities()) == 20)
+                await y2.wait_for(lambda: len(y2.activities()) == 20)
+                assert y1.activities() == y2.activities()
+                for sock in (s1, s2):
+                    await read(sock, lambda s=sock: set(seen[s]) == set(range(1, 21)))
+                    assert sorted(seen[sock]) == list(range(1, 21)), "duplicates"
