@@ -357,3 +357,92 @@ async def join(
     server: ServerProcess, member: Member, room_id: int, **kw: Any
 ) -> contextlib.AbstractAsyncContextManager[Socket]:
     return room_socket(server, room_id, token=await member.token(room_id), **kw)
+
+
+class TcpProxy:
+    """A TCP proxy on a free port, in a thread of its own, that a test can cut
+    (every open connection is reset and new ones are refused) and restore."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._up = True
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread: Any = None
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> None:
+        import threading
+
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+
+            async def serve() -> None:
+                self._server = await asyncio.start_server(
+                    self._handle, "127.0.0.1", self.port
+                )
+                ready.set()
+
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def stop(self) -> None:
+        self.cut()
+
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def cut(self) -> None:
+        async def reset() -> None:
+            self._up = False
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+
+        asyncio.run_coroutine_threadsafe(reset(), self._loop).result(5)
+
+    def restore(self) -> None:
+        async def up() -> None:
+            self._up = True
+
+        asyncio.run_coroutine_threadsafe(up(), self._loop).result(5)
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not self._up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.discard(writer)
+        self._writers.discard(up_writer)

@@ -27,6 +27,7 @@ from tests.support import (
     TIMEOUT,
     ServerProcess,
     Socket,
+    TcpProxy,
     World,
     create_postgres_database,
     drop_postgres_database,
@@ -58,11 +59,17 @@ def pair(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 
 @contextlib.contextmanager
 def cluster(
-    tmp_path: Path, count: int = 2, redis_url: str = REDIS_URL
+    tmp_path: Path,
+    count: int = 2,
+    redis_url: str = REDIS_URL,
+    postgres_port: int | None = None,
 ) -> Iterator[list[ServerProcess]]:
-    """``count`` server processes on one fresh PostgreSQL database and one Redis."""
+    """``count`` server processes on one fresh PostgreSQL database and one Redis
+    (reaching PostgreSQL on ``postgres_port`` when given: a proxy)."""
     name = f"coilroom_mp_{uuid.uuid4().hex[:10]}"
     url = create_postgres_database(POSTGRES_ADMIN_URL, name)
+    if postgres_port is not None:
+        url = url.replace("127.0.0.1:5432", f"127.0.0.1:{postgres_port}")
     settings = {
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": f"coilroom-test-{uuid.uuid4().hex[:8]}:",
@@ -318,3 +325,86 @@ async def _redis_restart_scenario(
                 for sock in (s1, s2):
                     await read(sock, lambda s=sock: set(seen[s]) == set(range(1, 21)))
                     assert sorted(seen[sock]) == list(range(1, 21)), "duplicates"
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy("127.0.0.1", 5432)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def pair_behind_proxy(
+    tmp_path: Path, postgres_proxy: TcpProxy
+) -> Iterator[list[ServerProcess]]:
+    with cluster(tmp_path, postgres_port=postgres_proxy.port) as procs:
+        yield procs
+
+
+async def test_postgres_cut_and_restored(
+    pair_behind_proxy: list[ServerProcess], postgres_proxy: TcpProxy
+) -> None:
+    a, b = pair_behind_proxy
+    async with World.create(a, members=2) as world:
+        m1, m2 = world.members
+        t1, t2 = await m1.token(world.room_id), await m2.token(world.room_id)
+        async with (
+            await join(a, m1, world.room_id) as s1,
+            await join(b, m2, world.room_id) as s2,
+            yclient(a, world.room_id, "plan", t1) as y1,
+            yclient(b, world.room_id, "plan", t2) as y2,
+        ):
+            acked: set[str] = set()
+            errors: list[dict[str, Any]] = []
+
+            async def send(sock: Socket, client_id: str) -> bool:
+                """Send one message; True when acknowledged, False on an error."""
+                await sock.send(
+                    {"type": "chat.send", "id": client_id, "text": client_id}
+                )
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        frame = await sock.recv()
+                        if frame["type"] == "chat.ack" and frame["id"] == client_id:
+                            acked.add(client_id)
+                            return True
+                        if frame["type"] == "error" and frame.get("id") == client_id:
+                            errors.append(frame)
+                            return False
+
+            for i in range(3):
+                assert await send(s1, f"before-a{i}")
+                assert await send(s2, f"before-b{i}")
+            postgres_proxy.cut()
+            await wait_ready(a, False)
+            # Meanwhile: chat answers with a clear error (or an ack if stored);
+            # document edits wait in their queue.
+            for i in range(3):
+                await send(s1, f"during-a{i}")
+                await send(s2, f"during-b{i}")
+                await y1.edit(add_activity(f"a{i}"))
+                await y2.edit(add_activity(f"b{i}"))
+            assert errors and all(e["code"] == "unavailable" for e in errors)
+            postgres_proxy.restore()
+            await wait_ready(a, True)
+            await wait_ready(b, True)
+            for sock, tag in ((s1, "a"), (s2, "b")):
+                async with asyncio.timeout(TIMEOUT):
+                    while not await send(sock, f"after-{tag}-{len(errors)}"):
+                        await asyncio.sleep(0.2)
+            # The queued document edits were stored and reached the other side.
+            await y1.wait_for(lambda: len(y1.activities()) == 6)
+            await y2.wait_for(lambda: len(y2.activities()) == 6)
+            assert y1.activities() == y2.activities()
+        # Every acknowledged message is stored, in one gap-free sequence.
+        r = await m1.http.get(f"/api/rooms/{world.room_id}/messages?limit=100")
+        assert r.status_code == 200, r.text
+        stored = r.json()["messages"]
+        assert acked <= {m["id"] for m in stored}
+        assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
+    for proc in (a, b):
+        assert proc.proc is not None and proc.proc.poll() is None
