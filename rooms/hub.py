@@ -72,10 +72,17 @@ class SeqWindow:
         if self.mark is None:
             self.advance_to(mark)
 
+    # A sequence that never arrives (lost with no resync to follow) must not make
+    # ``seen`` grow for the room's life: past this many, the mark skips the hole.
+    MAX_SEEN = 4096
+
     def note(self, seq: int) -> None:
         if self.mark is None or seq > self.mark:
             self.seen.add(seq)
             self._advance()
+            if self.mark is not None and len(self.seen) > self.MAX_SEEN:
+                log.warning("sequence window: skipping missing %d", self.mark + 1)
+                self.advance_to(min(self.seen) - 1)
 
     def has(self, seq: int) -> bool:
         return (self.mark is not None and seq <= self.mark) or seq in self.seen
