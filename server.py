@@ -549,7 +549,7 @@ class _FanOutCollector:
         yield CounterMetricFamily(
             "coilroom_room_resyncs",
             "Room catch-ups from the database after broker losses",
-            value=self.hub.metrics_resyncs,
+            value=self.hub.resyncs,
         )
         yield CounterMetricFamily(
             "coilroom_document_resyncs",

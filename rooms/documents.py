@@ -39,7 +39,7 @@ from typing import Any
 import anyio
 
 from rooms import crdt
-from rooms.broker import Broker, Envelope
+from rooms.broker import Broker, Envelope, MemoryBroker
 from rooms.errors import Forbidden, MessageTooBig, RateLimited, RoomError, TryAgainLater
 from rooms.hub import room_topic
 from rooms.limits import TokenBucket
@@ -423,9 +423,10 @@ class LiveDocument:
                 if conn.live and conn is not pending.conn:
                     conn.offer(frame)
             pending.settle()
-            await self.registry.broker.publish(
-                self.topic, Envelope(data=pending.update, source=self.instance)
-            )
+            if self.registry.shared:
+                await self.registry.broker.publish(
+                    self.topic, Envelope(data=pending.update, source=self.instance)
+                )
             self.stored_bytes += len(pending.update)
             self.log_rows += 1
             if pending.user_id is not None:
@@ -468,7 +469,6 @@ class LiveDocument:
             if conn.live:
                 conn.offer(frame)
         self.stored_bytes += len(envelope.data)
-        self.registry.metrics.doc_updates.inc()
 
     def request_resync(self) -> None:
         """Updates may have been missed: catch up from storage (coalesced)."""
@@ -595,12 +595,13 @@ class LiveDocument:
         self._pending_awareness.clear()
         for conn in self.conns.values():
             conn.offer(frame)
-        self.registry._spawn(
-            self.registry.broker.publish(
-                self.topic,
-                Envelope(data=frame, control="awareness", source=self.instance),
+        if self.registry.shared:
+            self.registry._spawn(
+                self.registry.broker.publish(
+                    self.topic,
+                    Envelope(data=frame, control="awareness", source=self.instance),
+                )
             )
-        )
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -667,6 +668,9 @@ class DocumentRegistry:
         self._user_conns: dict[int, int] = {}
         self._janitor: asyncio.Task[None] | None = None
         self.resynced = 0  # documents that caught up from storage after a resync
+        # Other processes may hold the same documents: publish updates and awareness
+        # (the in-process broker has no one else to tell).
+        self.shared = not isinstance(broker, MemoryBroker)
 
     async def __aenter__(self) -> DocumentRegistry:
         self._janitor = asyncio.create_task(self._housekeeping())

@@ -388,7 +388,7 @@ class LocalRoom:
             self._resync_state = "again"
             return
         self._resync_state = "running"
-        self.hub.metrics_resyncs += 1
+        self.hub.resyncs += 1
         self.hub.spawn(self._resync)
 
     async def _resync(self) -> None:
@@ -539,7 +539,7 @@ class RoomHub:
         # Set once the presence store is open (it is opened after the hub, so that
         # its expiry hook can announce through the hub).
         self.presence: PresenceStore | None = None
-        self.metrics_resyncs = 0
+        self.resyncs = 0
 
     async def __aenter__(self) -> RoomHub:
         self._event_writer = asyncio.create_task(self._write_events())

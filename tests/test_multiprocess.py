@@ -63,6 +63,7 @@ def cluster(
     count: int = 2,
     redis_url: str = REDIS_URL,
     postgres_port: int | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Iterator[list[ServerProcess]]:
     """``count`` server processes on one fresh PostgreSQL database and one Redis
     (reaching PostgreSQL on ``postgres_port`` when given: a proxy)."""
@@ -80,6 +81,7 @@ def cluster(
         "DOC_UPDATES_PER_SECOND": "5000",
         "DOC_UPDATE_BURST": "5000",
         "AUTO_MIGRATE": "false",
+        **(extra or {}),
     }
     procs = [
         ServerProcess(database_url=url, data_dir=tmp_path / f"p{i}", settings=settings)
@@ -359,7 +361,11 @@ def postgres_proxy() -> Iterator[TcpProxy]:
 def pair_behind_proxy(
     tmp_path: Path, postgres_proxy: TcpProxy
 ) -> Iterator[list[ServerProcess]]:
-    with cluster(tmp_path, postgres_port=postgres_proxy.port) as procs:
+    with cluster(
+        tmp_path,
+        postgres_port=postgres_proxy.port,
+        extra={"DOC_WRITE_QUEUE_UPDATES": "8"},
+    ) as procs:
         yield procs
 
 
@@ -375,6 +381,7 @@ async def test_postgres_cut_and_restored(
             await join(b, m2, world.room_id) as s2,
             yclient(a, world.room_id, "plan", t1) as y1,
             yclient(b, world.room_id, "plan", t2) as y2,
+            yclient(a, world.room_id, "busy", t1) as y3,
         ):
             acked: set[str] = set()
             errors: list[dict[str, Any]] = []
@@ -407,6 +414,12 @@ async def test_postgres_cut_and_restored(
                 await y1.edit(add_activity(f"a{i}"))
                 await y2.edit(add_activity(f"b{i}"))
             assert errors and all(e["code"] == "unavailable" for e in errors)
+            # A document whose queue is full refuses further edits clearly (1013).
+            with contextlib.suppress(Exception):
+                for i in range(40):
+                    await y3.edit(add_activity(f"busy{i}"))
+                    await asyncio.sleep(0.01)
+            assert await y3.close_code() == 1013
             postgres_proxy.restore()
             await wait_ready(a, True)
             await wait_ready(b, True)
