@@ -2,6 +2,7 @@
 // edits, the unread marker, typing and away), over one RoomConnection.
 
 import { showAgreement } from "./agreement.js";
+import { isCallError, showCall } from "./call.js";
 import { ApiError, listInstitutions, listRooms, roomHistory } from "./api.js";
 import { announce, countryName, fill, h, newId, timeElement, waitWords } from "./dom.js";
 import { CLOSE_WORDS, RoomConnection } from "./socket.js";
@@ -103,8 +104,19 @@ export function showRoom(main, roomId, ctx) {
   const agreement = h("section", { class: "agreement", "aria-labelledby": "activities-heading" },
     agreementBox, versionsBox);
 
-  const heading = ctx.page("Room", subtitle, banner, h("div", { class: "room-layout" }, people, chat, agreement));
+  // The call panel comes after the activity list in the DOM (and so in the Tab order);
+  // during a call, CSS shows it on top (focus moves to it on joining).
+  const callBox = h("section", { class: "call-panel", "aria-labelledby": "call-heading" });
+  const layout = h("div", { class: "room-layout" }, people, chat, agreement, callBox);
+  const heading = ctx.page("Room", subtitle, banner, layout);
   heading.closest(".page").classList.add("room-page");
+
+  const call = showCall(callBox, {
+    me,
+    send: (frame) => conn.send(frame),
+    canModerate: () => st.role === "coordinator" || me.role === "admin",
+    onLayout: (inCall) => layout.classList.toggle("in-call", inCall),
+  });
 
   const conn = new RoomConnection(roomId, {
     onFrame,
@@ -196,6 +208,8 @@ export function showRoom(main, roomId, ctx) {
 
   function onState(state, info) {
     if (!st.alive) return;
+    // A call cannot outlive its socket: the server has taken this connection out of it.
+    if (state !== "open" && state !== "connecting") call.onDisconnected();
     clearInterval(countdownTimer);
     bannerCountdown.textContent = "";
     switch (state) {
@@ -260,6 +274,14 @@ export function showRoom(main, roomId, ctx) {
 
   function onFrame(frame) {
     if (!st.alive) return;
+    if (frame.type.startsWith("call.") || frame.type.startsWith("echo.")) {
+      call.onFrame(frame);
+      return;
+    }
+    if (frame.type === "error" && isCallError(frame)) {
+      call.onError(frame);
+      return;
+    }
     switch (frame.type) {
       case "welcome": return onWelcome(frame);
       case "presence.join": return onPresence(frame, "join");
@@ -278,6 +300,8 @@ export function showRoom(main, roomId, ctx) {
   function onWelcome(frame) {
     const room = frame.room || {};
     setTitle(room.name || "Room");
+    st.role = room.role;
+    call.onWelcome(frame);
     const role = room.role ? ` · your role: ${room.role}` : "";
     const title = room.partnership && room.partnership.title !== room.name ? `Partnership: ${room.partnership.title}` : "Partnership room";
     subtitle.textContent = `${title}${role}`;
@@ -908,6 +932,7 @@ export function showRoom(main, roomId, ctx) {
   conn.start();
 
   return function teardownRoom() {
+    call.destroy(); // leaves the call, closes every peer connection, stops every track
     st.alive = false;
     if (docs) {
       docs.agreement.destroy();
