@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,113 @@ async def open_page(
 
         page.on("console", on_console)
         page.on("pageerror", lambda exc: console_errors.append(f"{label}: {exc}"))
+        return page
+
+    yield open_
+    for context in contexts:
+        await context.close()
+
+
+# -- calls: Chromium with fake camera, microphone and screen, and a server whose echo
+# peer offers 127.0.0.1 (the only address both ends share here) -------------------------
+
+# Fake devices (a test pattern and a beep; getDisplayMedia gives a fake screen), no
+# permission prompt (granted, or denied with "=deny"), and loopback ICE candidates.
+CALL_ARGS = [
+    "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    # Headless Chromium may throttle timers and media of pages it deems hidden.
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+async def launch_call_browser(driver: Any, *, deny: bool = False) -> Browser:
+    ui = "--use-fake-ui-for-media-stream" + ("=deny" if deny else "")
+    return await driver.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[*CHROMIUM_ARGS, *CALL_ARGS, ui],
+        timeout=TIMEOUT * 3000,
+    )
+
+
+class CallBrowsers:
+    """Chromium with fake media devices, launched on first use: ``"allow"`` grants
+    camera, microphone and screen without asking; ``"deny"`` refuses them."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.browsers: dict[str, Browser] = {}
+
+    async def get(self, kind: str) -> Browser:
+        if kind not in self.browsers:
+            self.browsers[kind] = await launch_call_browser(
+                self.driver, deny=kind == "deny"
+            )
+        return self.browsers[kind]
+
+
+@pytest.fixture(scope="session")
+async def call_browsers() -> AsyncIterator[CallBrowsers]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's Chromium")
+    built_page()
+    async with async_playwright() as driver:
+        browsers = CallBrowsers(driver)
+        try:
+            yield browsers
+        finally:
+            for b in browsers.browsers.values():
+                await b.close()
+
+
+@pytest.fixture(scope="module")
+def call_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of the calls' own: its echo peer gathers on 127.0.0.1 only."""
+    from tests.conftest import dedicated_server
+
+    with dedicated_server(
+        "sqlite", tmp_path_factory, {"RTC_HOST_ADDRESSES": "127.0.0.1"}
+    ) as proc:
+        yield proc
+
+
+@pytest.fixture
+async def open_call_page(
+    call_browsers: CallBrowsers, call_server: ServerProcess, console_errors: list[str]
+) -> AsyncIterator[OpenPage]:
+    """Like ``open_page``, on the call server, in Chromium with fake media devices:
+    ``await open_call_page(member, deny=False, width=1280, height=900)``."""
+    contexts: list[Any] = []
+
+    async def open_(
+        member: Member, *, deny: bool = False, width: int = 1280, height: int = 900
+    ) -> Page:
+        browser = await call_browsers.get("deny" if deny else "allow")
+        context = await browser.new_context(
+            base_url=call_server.base_url,
+            viewport={"width": width, "height": height},
+            locale="en-GB",
+            timezone_id="UTC",
+        )
+        context.set_default_timeout(TIMEOUT * 1000)
+        contexts.append(context)
+        r = await context.request.post(
+            "/api/session", data={"email": member.email, "password": PASSWORD}
+        )
+        assert r.ok, await r.text()
+        page = await context.new_page()
+        page.on("pageerror", lambda exc: console_errors.append(f"{member.name}: {exc}"))
+        page.on(
+            "console",
+            lambda m: (
+                console_errors.append(f"{member.name}: {m.text}")
+                if m.type == "error" and "Content Security Policy" in m.text
+                else None
+            ),
+        )
         return page
 
     yield open_
