@@ -48,6 +48,7 @@ from rooms import (
 from rooms import routes as room_routes
 from rooms import sockets as room_sockets
 from rooms.access import configure_password_hashing
+from rooms.call_port import CallLimits
 from rooms.http import (
     ApiError,
     api_error_handler,
@@ -59,7 +60,7 @@ from rooms.http import (
 from signaling import routes as call_routes
 from signaling.echo import EchoService
 from signaling.ice import IceConfig
-from signaling.service import CallLimits, CallService
+from signaling.service import CallService
 from storage import open_database, run_migrations
 
 log = logging.getLogger("coilroom")

@@ -12,13 +12,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access, Authenticator
+from rooms.call_messages import (
+    CallIceServers,
+    CallJoin,
+    CallLeave,
+    CallMedia,
+    CallModerate,
+    CallSignal,
+    EchoStart,
+    EchoStop,
+)
+from rooms.call_port import CallPort
 from rooms.errors import (
     BadMessage,
     MessageTooBig,
@@ -51,21 +62,8 @@ from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
 from rooms.sending import QueuedSender, direct_writer, serve_while_reading
 from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket
-from signaling.messages import (
-    CallIceServers,
-    CallJoin,
-    CallLeave,
-    CallMedia,
-    CallModerate,
-    CallSignal,
-    EchoStart,
-    EchoStop,
-)
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.models import MemberRole, UserRole
-
-if TYPE_CHECKING:
-    from signaling.service import CallService
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ class RoomServices:
     presence: PresenceStore
     metrics: Metrics
     limits: SocketLimits
-    calls: CallService
+    calls: CallPort
 
 
 async def room_socket(websocket: WebSocket) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from rooms.call_messages import MediaState, SignalRefused
 from rooms.presence import PresenceUser
-from signaling.messages import MediaState, SignalRefused
 
 MEDIA_KINDS = ("audio", "video", "screen")
 

@@ -16,15 +16,10 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from rooms.broker import Envelope
-from rooms.hub import Member, RoomHub
-from rooms.messages import create_error, encode
-from signaling.calls import CallBook, Participant
-from signaling.ice import IceConfig
-from signaling.messages import (
+from rooms.call_messages import (
     CallJoin,
     CallMedia,
     CallModerate,
@@ -34,6 +29,11 @@ from signaling.messages import (
     check_description,
     check_signal,
 )
+from rooms.call_port import CallLimits, LeaveReason
+from rooms.hub import Member, RoomHub
+from rooms.messages import create_error, encode
+from signaling.calls import CallBook, Participant
+from signaling.ice import IceConfig
 from storage.calls import (
     close_interrupted_calls,
     record_join,
@@ -44,20 +44,6 @@ from storage.events import EventRow
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
-
-LeaveReason = Literal["left", "disconnected", "removed"]
-
-
-@dataclass(frozen=True, slots=True)
-class CallLimits:
-    """Call limits (all settings; see the README)."""
-
-    max_participants: int
-    max_sdp_bytes: int
-    signals_per_second: float
-    signal_burst: int
-    candidates_per_second: float
-    candidate_burst: int
 
 
 class EchoPeer(Protocol):
