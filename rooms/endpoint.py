@@ -137,7 +137,7 @@ class Connection:
             calls.candidates_per_second, calls.candidate_burst
         )
         self.echo_running = False
-        self.strikes = 0
+        self.strikes: dict[int, int] = {}  # refusals in a row, per bucket
         self.typing_deadline: float | None = None
         self._scope = anyio.CancelScope()
         self.member = Member(
@@ -390,11 +390,14 @@ class Connection:
     def _charge(self, bucket: TokenBucket, message_id: str | None) -> bool:
         """Take a token for a message; without one it is refused with an error frame,
         and a client that keeps going past the burst is closed with 4429."""
+        # Strikes count per kind of message, so accepted chat in between does not
+        # wash out a flood of candidates.
+        key = id(bucket)
         if bucket.take(time.monotonic()):
-            self.strikes = 0
+            self.strikes[key] = 0
             return True
-        self.strikes += 1
-        if self.strikes > self.limits.message_burst:
+        self.strikes[key] = strikes = self.strikes.get(key, 0) + 1
+        if strikes > self.limits.message_burst:
             raise RateLimited("too many messages")
         self._error("rate_limited", "slow down: message ignored", message_id)
         return False

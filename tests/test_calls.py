@@ -543,3 +543,26 @@ async def test_call_minutes_on_the_dashboard_match_the_records(
         await asyncio.sleep(0.1)
     for user, secs in expected.items():
         assert minutes[institutions[user]] == pytest.approx(secs / 60, abs=0.05), user
+
+
+async def test_chat_in_between_does_not_excuse_a_candidate_flood(
+    calls_server: ServerProcess, small: World
+) -> None:
+    a, b = small.members[:2]
+    room = small.room_id
+    async with (
+        in_call(calls_server, a, room) as (sa, _ja),
+        in_call(calls_server, b, room) as (_sb, jb),
+    ):
+        candidate = {
+            "type": "call.signal",
+            "to": jb["connection_id"],
+            "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"},
+        }
+        # 300 candidates pass (the burst); then each refused one is followed by an
+        # accepted ping, which must not reset the count of refusals.
+        for i in range(300 + 40):
+            await sa.send({**candidate, "id": f"c{i}"})
+            if i >= 300:
+                await sa.send({"type": "ping"})
+        assert await sa.close_code() == 4429
