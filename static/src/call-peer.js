@@ -2,14 +2,19 @@
 // negotiation" pattern (https://w3c.github.io/webrtc-pc/#perfect-negotiation-example)
 // with the side the server assigned to this pair. No DOM here.
 //
-// Every link has the same three transceivers, in this order on both sides: microphone
-// (audio), camera (video), screen (video). The newcomer creates them and offers; the one
-// already in the call takes them from that offer. Turning the microphone or camera on or
-// off only swaps the sender's track (no renegotiation); a screen share also flips the
-// screen transceiver's direction between sendrecv and recvonly, which renegotiates, and
-// that is where glare happens when both sides start sharing at once.
+// Every link starts with two transceivers, in this order on both sides: microphone
+// (audio) and camera (video). The newcomer creates them and offers; the one already in
+// the call takes them from that offer. Turning the microphone or camera on or off only
+// swaps the sender's track (no renegotiation). A screen share adds a track (a new
+// transceiver) and stopping it removes the track: both renegotiate, and that is where
+// glare happens when both sides start sharing at once. In that glare the polite side
+// rolls back, and its screen transceiver is matched to the other side's new m-line, so
+// both screens travel on it. (Flipping one fixed screen transceiver's direction instead
+// wedged Chromium now and then: after the rollback the polite side decoded the other's
+// screen but its track stayed muted, with the same SSRC as before.)
 
-const SLOTS = ["audio", "camera", "screen"];
+const SLOTS = ["audio", "camera"];
+const ANSWER_WAIT_MS = 4000;
 
 export class PeerLink {
   /**
@@ -36,6 +41,8 @@ export class PeerLink {
     this.settingAnswer = false;
     this.closed = false;
     this.restarted = false;
+    this.screenSender = null; // our screen share's RTCRtpSender while sharing
+    this.screens = []; // receiving tracks of the other transceivers (the remote's screens)
     this.chain = Promise.resolve(); // incoming signals, one at a time
     this.checkTimer = null;
     const pc = (this.pc = new RTCPeerConnection({ iceServers: o.iceServers || [] }));
@@ -53,37 +60,52 @@ export class PeerLink {
       }
       this.onState(state);
     };
+    pc.ontrack = ({ transceiver, track }) => {
+      if (this.slots && SLOTS.some((slot) => this.slots[slot] === transceiver)) return;
+      if (!this.screens.includes(track)) {
+        this.screens.push(track);
+        track.addEventListener("unmute", () => this.mediaChanged());
+        track.addEventListener("mute", () => this.mediaChanged());
+      }
+      this.mediaChanged();
+    };
     pc.onsignalingstatechange = () => {
       if (pc.signalingState === "stable") this.scheduleCheck();
     };
     if (o.offerer) {
       const slots = {};
       for (const slot of SLOTS) {
-        slots[slot] = pc.addTransceiver(slot === "audio" ? "audio" : "video", {
-          direction: this.directionFor(slot),
-        });
+        slots[slot] = pc.addTransceiver(slot === "audio" ? "audio" : "video", { direction: "sendrecv" });
       }
       this.attach(slots);
     }
   }
 
-  directionFor(slot) {
-    // Microphone and camera are always offered both ways (a null track sends nothing);
-    // the screen only while it is shared.
-    return slot !== "screen" || this.tracks.screen ? "sendrecv" : "recvonly";
-  }
-
   attach(slots) {
     this.slots = slots;
     for (const slot of SLOTS) {
-      const t = slots[slot];
-      t.direction = this.directionFor(slot);
-      t.sender.replaceTrack(this.tracks[slot] || null).catch(() => {});
+      // Always both ways: a null track sends nothing.
+      slots[slot].direction = "sendrecv";
+      slots[slot].sender.replaceTrack(this.tracks[slot] || null).catch(() => {});
     }
+    if (this.tracks.screen) this.setTrack("screen", this.tracks.screen);
+    this.mediaChanged();
+  }
+
+  /** The remote's screen: the receiving track of an extra transceiver that gets frames
+   * (the latest one if none does yet). */
+  remoteScreen() {
+    this.screens = this.screens.filter((t) => t.readyState === "live");
+    const live = this.screens;
+    return [...live].reverse().find((t) => !t.muted) || live[live.length - 1] || null;
+  }
+
+  mediaChanged() {
+    if (this.closed || !this.slots) return;
     this.onMedia({
-      audio: slots.audio.receiver.track,
-      camera: slots.camera.receiver.track,
-      screen: slots.screen.receiver.track,
+      audio: this.slots.audio.receiver.track,
+      camera: this.slots.camera.receiver.track,
+      screen: this.remoteScreen(),
     });
   }
 
@@ -91,10 +113,17 @@ export class PeerLink {
   setTrack(slot, track) {
     this.tracks[slot] = track || null;
     if (!this.slots || this.closed) return;
-    const t = this.slots[slot];
-    t.sender.replaceTrack(track || null).catch(() => {});
-    const direction = this.directionFor(slot);
-    if (t.direction !== direction) t.direction = direction; // renegotiates (screen)
+    if (slot !== "screen") {
+      this.slots[slot].sender.replaceTrack(track || null).catch(() => {});
+      return;
+    }
+    // Renegotiates: a new transceiver to share, or its direction back to recvonly.
+    if (this.screenSender) {
+      if (this.screenSender.track === track) return;
+      this.pc.removeTrack(this.screenSender);
+      this.screenSender = null;
+    }
+    if (track) this.screenSender = this.pc.addTrack(track, new MediaStream([track]));
   }
 
   async negotiate() {
@@ -102,12 +131,30 @@ export class PeerLink {
     try {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
-      this.send({ description: this.pc.localDescription.toJSON() });
+      const offer = this.pc.localDescription;
+      this.send({ description: offer.toJSON() });
+      this.awaitAnswer(offer.sdp);
     } catch {
       // A signal came in between; negotiationneeded fires again when it is stable.
     } finally {
       this.makingOffer = false;
     }
+  }
+
+  /** An offer or its answer can be lost (refused by the server's rate limit, say):
+   * without an answer in time, take the offer back and offer again. */
+  awaitAnswer(sdp) {
+    clearTimeout(this.answerTimer);
+    this.answerTimer = setTimeout(async () => {
+      const pc = this.pc;
+      if (this.closed || pc.signalingState !== "have-local-offer" || pc.localDescription.sdp !== sdp) return;
+      try {
+        await pc.setLocalDescription({ type: "rollback" });
+      } catch {
+        return;
+      }
+      this.negotiate();
+    }, ANSWER_WAIT_MS + Math.random() * 1000);
   }
 
   /** A signal from the remote: {description} or {candidate}. Handled in arrival order. */
@@ -129,8 +176,8 @@ export class PeerLink {
       this.settingAnswer = false;
       if (description.type === "offer") {
         if (!this.slots) {
-          const [audio, camera, screen] = pc.getTransceivers();
-          this.attach({ audio, camera, screen });
+          const [audio, camera] = pc.getTransceivers();
+          this.attach({ audio, camera });
         }
         await pc.setLocalDescription();
         this.send({ description: pc.localDescription.toJSON() });
@@ -150,8 +197,20 @@ export class PeerLink {
     clearTimeout(this.checkTimer);
     this.checkTimer = setTimeout(() => {
       if (this.closed || !this.slots || this.pc.signalingState !== "stable" || this.makingOffer) return;
+      // A screen transceiver nobody sends on any more is stopped, so its m-line is
+      // rejected and recycled: otherwise each share adds one (some 3 KB of SDP), and
+      // the offer outgrows the server's SDP limit after a few shares.
+      let stopped = false;
+      for (const t of this.pc.getTransceivers()) {
+        if (SLOTS.some((slot) => this.slots[slot] === t) || t.currentDirection === "stopped") continue;
+        if (t.mid !== null && t.currentDirection === "inactive" && t.direction === "recvonly") {
+          t.stop(); // renegotiates
+          stopped = true;
+        }
+      }
+      if (stopped) return;
       const sends = (d) => d === "sendrecv" || d === "sendonly";
-      const stale = Object.values(this.slots).some(
+      const stale = this.pc.getTransceivers().some(
         (t) => t.mid !== null && sends(t.direction) !== sends(t.currentDirection),
       );
       if (stale) this.negotiate();
@@ -171,8 +230,9 @@ export class PeerLink {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.checkTimer);
+    clearTimeout(this.answerTimer);
     this.pc.onnegotiationneeded = this.pc.onicecandidate = null;
-    this.pc.onconnectionstatechange = this.pc.onsignalingstatechange = null;
+    this.pc.onconnectionstatechange = this.pc.onsignalingstatechange = this.pc.ontrack = null;
     this.pc.close();
   }
 }

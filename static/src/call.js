@@ -64,6 +64,7 @@ export function showCall(box, ctx) {
     call: null, // {callId, participants: Map(conn -> {user, media})} or null
     joined: false, // this tab is in the call
     joining: false,
+    known: false, // welcomed: st.call is the server's word
     links: new Map(), // conn -> PeerLink
     remote: new Map(), // conn -> {audio, camera, screen} receiving tracks
     linkState: new Map(), // conn -> connection state
@@ -124,7 +125,9 @@ export function showCall(box, ctx) {
   function render() {
     const people = st.call ? [...st.call.participants.entries()] : [];
     const others = people.filter(([conn]) => conn !== st.myConn);
-    if (!st.call) {
+    if (!st.known) {
+      summary.textContent = "Waiting for the room's connection…";
+    } else if (!st.call) {
       summary.textContent = "No call right now.";
     } else if (st.joined) {
       summary.textContent = others.length
@@ -134,10 +137,10 @@ export function showCall(box, ctx) {
       summary.textContent = `A call is on with ${names(people.map(([c]) => nameOf(c)))}.`;
     }
     joinButton.textContent = st.joining ? "Joining…" : st.call ? "Join call" : "Start a call";
-    joinButton.disabled = st.joining;
+    joinButton.disabled = st.joining || !st.known;
     outside.hidden = st.joined;
     inside.hidden = !st.joined;
-    echoButton.disabled = echo.running;
+    echoButton.disabled = echo.running || !st.known;
     micButton.setAttribute("aria-pressed", String(!!st.local.audio));
     camButton.setAttribute("aria-pressed", String(!!st.local.camera));
     screenButton.setAttribute("aria-pressed", String(!!st.local.screen));
@@ -246,6 +249,7 @@ export function showCall(box, ctx) {
     st.myConn = frame.connection_id;
     if (st.joined) endLocally(); // a new connection is not in the call
     setCall(frame.call);
+    st.known = true;
     render();
   }
 
@@ -375,7 +379,10 @@ export function showCall(box, ctx) {
       echo.onError(frame);
       return render();
     }
-    if (frame.code === "unknown_peer") return undefined; // a signal to someone who just left
+    // A signal to someone who just left; or a signal over the rate limit (the peer
+    // link offers again when no answer comes).
+    if (frame.code === "unknown_peer") return undefined;
+    if (frame.code === "rate_limited" && st.joined) return undefined;
     if (st.joining) st.joining = false;
     if (frame.code === "call_full" || frame.code === "unavailable") {
       releaseAll();
@@ -585,6 +592,7 @@ export function showCall(box, ctx) {
     }
     echo.drop("The connection to the room was lost, so the test ended.");
     st.call = null;
+    st.known = false;
     render();
   }
 
