@@ -162,16 +162,25 @@ async def test_call_echo_test_shows_ones_own_video(
 
 
 async def test_call_permission_denied_is_said_plainly(
-    call_world: World, open_call_page: OpenPage, console_errors: list[str]
+    call_world: World,
+    open_call_page: OpenPage,
+    console_errors: list[str],
+    artifacts: Path,
 ) -> None:
     """When the browser refuses the camera and microphone, the page says how to allow
-    them, and one still joins the call to watch and listen."""
-    page = await open_call_page(call_world.members[0], deny=True)
+    them, and one still joins the call to watch and listen (on a phone: the call panel
+    fits 375 px without sideways scrolling)."""
+    page = await open_call_page(call_world.members[0], deny=True, width=375, height=812)
     await enter_room(page, call_world.room_id)
     await join_call(page)
     await expect(page.locator(".call-problem")).to_contain_text(
         "Coilroom is not allowed to use your camera and microphone"
     )
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - window.innerWidth"
+    )
+    assert overflow <= 0, f"{overflow}px of sideways scrolling"
+    await shoot(page, artifacts, "call-phone.png")
     await expect(page.get_by_role("button", name="Microphone")).to_have_attribute(
         "aria-pressed", "false"
     )
