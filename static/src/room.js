@@ -287,6 +287,7 @@ export function showRoom(main, roomId, ctx) {
       case "presence.join": return onPresence(frame, "join");
       case "presence.leave": return onPresence(frame, "leave");
       case "presence.update": return onPresence(frame, "update");
+      case "presence.snapshot": return onPresenceSnapshot(frame);
       case "chat.message": return onChatMessage(frame);
       case "chat.ack": return onAck(frame);
       case "chat.edited":
@@ -331,6 +332,14 @@ export function showRoom(main, roomId, ctx) {
     }
     // Send what is still pending, with the same ids: the server drops duplicates.
     for (const p of st.pending.values()) if (p.state !== "failed") trySend(p);
+  }
+
+  // After the server resynchronised with its peers: the whole list, replacing ours.
+  function onPresenceSnapshot(frame) {
+    st.presence = new Map((frame.presence || []).map((p) => [p.user.id, p]));
+    for (const p of st.presence.values()) rememberPerson(p.user);
+    renderPeople();
+    if (docs) docs.agreement.refresh();
   }
 
   function onPresence(frame, kind) {
