@@ -45,6 +45,7 @@ from rooms.hub import room_topic
 from rooms.limits import TokenBucket
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
+from rooms.resync import Resync
 from rooms.ysync import (
     AwarenessEntry,
     ProtocolViolation,
@@ -230,7 +231,12 @@ class LiveDocument:
         self.instance = uuid.uuid4().hex  # skips its own envelopes
         self.topic = doc_topic(room_id, name)
         self.subscription: contextlib.AsyncExitStack | None = None
-        self._resync_state = "idle"  # idle | running | again
+        self.resync = Resync(
+            f"document {room_id}/{name}",
+            self.catch_up,
+            spawn=lambda run: registry._spawn(run()),
+            closed=self.closed.is_set,
+        )
 
     # -- connections and the handshake ------------------------------------------
 
@@ -472,34 +478,7 @@ class LiveDocument:
 
     def request_resync(self) -> None:
         """Updates may have been missed: catch up from storage (coalesced)."""
-        if self._resync_state != "idle":
-            self._resync_state = "again"
-            return
-        self._resync_state = "running"
-        self.registry._spawn(self._resync())
-
-    async def _resync(self) -> None:
-        delay = 0.2
-        try:
-            while not self.closed.is_set():
-                try:
-                    await self.catch_up()
-                except Exception as exc:  # noqa: BLE001 - storage down: retry
-                    log.warning(
-                        "document %s/%s: resync failed (%s); retrying in %.1fs",
-                        self.room_id,
-                        self.name,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                if self._resync_state != "again":
-                    return
-                self._resync_state = "running"
-        finally:
-            self._resync_state = "idle"
+        self.resync.request()
 
     async def catch_up(self) -> None:
         """State-vector exchange with storage: apply and broadcast what is missing."""

@@ -32,6 +32,7 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
 from rooms.presence import Change, PresenceStore, PresenceUser
+from rooms.resync import Resync
 from storage.chat import (
     ChatEditRefused,
     NewMessage,
@@ -350,7 +351,12 @@ class LocalRoom:
         # What this room delivered, for resyncs after broker outages.
         self.chat_seen = SeqWindow()
         self.edits_seen = SeqWindow()
-        self._resync_state: Literal["idle", "running", "again"] = "idle"
+        self.resync = Resync(
+            f"room {room_id}",
+            self._catch_up,
+            spawn=hub.spawn,
+            closed=lambda: self.closed,
+        )
 
     def started_at(self, last_seq: int, last_edit: int) -> None:
         """A member got its welcome with these counters (its floor)."""
@@ -382,36 +388,8 @@ class LocalRoom:
 
     def on_resync(self) -> None:
         """Broker hook: envelopes may have been lost; catch up from the database."""
-        if self.closed:
-            return
-        if self._resync_state != "idle":
-            self._resync_state = "again"
-            return
-        self._resync_state = "running"
-        self.hub.resyncs += 1
-        self.hub.spawn(self._resync)
-
-    async def _resync(self) -> None:
-        delay = 0.2
-        try:
-            while not self.closed:
-                try:
-                    await self._catch_up()
-                except Exception as exc:  # noqa: BLE001 - database down: retry with backoff
-                    log.warning(
-                        "room %s: resync failed (%s); retrying in %.1fs",
-                        self.room_id,
-                        exc,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                if self._resync_state != "again":
-                    return
-                self._resync_state = "running"
-        finally:
-            self._resync_state = "idle"
+        if not self.closed and self.resync.request():
+            self.hub.resyncs += 1
 
     async def _catch_up(self) -> None:
         """Send each member the chat messages and edits it missed, then presence.

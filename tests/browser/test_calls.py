@@ -190,3 +190,26 @@ async def test_call_permission_denied_is_said_plainly(
         "Coilroom is not allowed to use your camera and microphone"
     )
     assert console_errors == []
+
+
+async def test_call_without_a_camera_is_said_plainly(
+    call_world: World,
+    open_call_page: OpenPage,
+    console_errors: list[str],
+) -> None:
+    """A computer with no camera or microphone: the browser reports NotFoundError
+    (emulated here, since Chromium's fake devices are always present), and the page
+    says what to check; one still joins to watch and listen."""
+    page = await open_call_page(call_world.members[1])
+    await page.add_init_script(
+        """
+        navigator.mediaDevices.getUserMedia = () =>
+          Promise.reject(new DOMException("Requested device not found", "NotFoundError"));
+        """
+    )
+    await enter_room(page, call_world.room_id)
+    await join_call(page)
+    await expect(page.locator(".call-problem")).to_contain_text("was found")
+    await expect(page.locator(".call-problem")).to_contain_text("plugged in")
+    await page.get_by_role("button", name="Leave call").click()
+    assert console_errors == []
