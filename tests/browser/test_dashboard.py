@@ -4,6 +4,7 @@ that activity, updates who is online without a reload, and its CSV exports match
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
@@ -15,10 +16,15 @@ import httpx
 import pytest
 from playwright.async_api import Page, expect
 
-from storage import open_database
-from storage.events import EventRow, insert_events
 from tests.browser.conftest import OpenPage
-from tests.support import ADMIN_EMAIL, ADMIN_PASSWORD, TIMEOUT, World, login
+from tests.support import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    TIMEOUT,
+    World,
+    login,
+    room_socket,
+)
 from tests.yclient import add_activity, yclient
 
 pytestmark = pytest.mark.anyio
@@ -150,13 +156,11 @@ async def test_admin_invites_instructor_and_dashboard_shows_their_activity(
         "accepted"
     )
 
-    # Activities in the agreement (a stock Yjs client, as the instructor), and a call
-    # record as the call service writes it (one leave event per participant).
+    # Activities in the agreement (a stock Yjs client, as the instructor), and a call.
     client: httpx.AsyncClient = await login(server, email, PASSWORD)
     try:
         r = await client.post(f"/api/rooms/{room_id}/tokens")
         token = r.json()["token"]
-        user_id = (await client.get("/api/me")).json()["id"]
     finally:
         await client.aclose()
     async with yclient(server, room_id, "agreement", token) as y:
@@ -167,18 +171,14 @@ async def test_admin_invites_instructor_and_dashboard_shows_their_activity(
             )
         )
         await y.edit(add_activity("a3", title="Exchange", ends_on="2999-12-31"))
-    async with open_database(server.database_url) as db:
-        await insert_events(
-            db.sessions,
-            [
-                EventRow(
-                    "call",
-                    room_id,
-                    user_id,
-                    {"action": "leave", "call_id": f"c-{tag}", "seconds": 150},
-                )
-            ],
-        )
+    # A real call of about five seconds: 0.1 call minutes on the dashboard (minutes
+    # are shown to one decimal; anything from 3 to 8.9 seconds reads 0.1).
+    async with room_socket(server, room_id, token=token) as sock:
+        await sock.send({"type": "call.join"})
+        await sock.recv_until("call.joined")
+        await asyncio.sleep(5)
+        await sock.send({"type": "call.leave"})
+        await sock.recv_until("call.participant_left")
     # The activity overview follows the document shortly after an edit.
     for _ in range(int(TIMEOUT * 20)):
         got = await world.admin.get(
@@ -200,7 +200,7 @@ async def test_admin_invites_instructor_and_dashboard_shows_their_activity(
     ).to_have_text("3")
     await expect(
         admin.locator(".tile", has_text="Call minutes").locator(".tile-value")
-    ).to_have_text("2.5")
+    ).to_have_text("0.1")
     await expect(
         admin.locator(".tile", has_text="Overdue activities").locator(".tile-value")
     ).to_have_text("1")
@@ -230,7 +230,7 @@ async def test_admin_invites_instructor_and_dashboard_shows_their_activity(
     header = institutions[0]
     by_name = {row[header.index("institution")]: row for row in institutions[1]}
     assert by_name[name_a][header.index("messages")] == "3"
-    assert by_name[name_a][header.index("call_minutes")] == "2.5"
+    assert by_name[name_a][header.index("call_minutes")] == "0.1"
     assert by_name[name_b][header.index("members")] == "0"
 
     await admin.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
