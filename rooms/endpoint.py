@@ -131,13 +131,12 @@ class Connection:
         self.bucket = TokenBucket(
             self.limits.messages_per_second, self.limits.message_burst
         )
-        calls = services.calls.limits
-        self.signal_bucket = TokenBucket(calls.signals_per_second, calls.signal_burst)
-        self.candidate_bucket = TokenBucket(
-            calls.candidates_per_second, calls.candidate_burst
-        )
+        # Made on first use: most connections never signal, and idle ones should
+        # cost little memory.
+        self.signal_bucket: TokenBucket | None = None
+        self.candidate_bucket: TokenBucket | None = None
         self.echo_running = False
-        self.strikes: dict[int, int] = {}  # refusals in a row, per bucket
+        self.strikes: dict[int, int] | None = None  # refusals in a row, per bucket
         self.typing_deadline: float | None = None
         self._scope = anyio.CancelScope()
         self.member = Member(
@@ -382,8 +381,17 @@ class Connection:
         """Signals have their own limits: a call's ICE candidates come in bursts
         that chat-sized limits would refuse."""
         if isinstance(msg, CallSignal):
+            calls = self.services.calls.limits
             if msg.candidate is not None:
+                if self.candidate_bucket is None:
+                    self.candidate_bucket = TokenBucket(
+                        calls.candidates_per_second, calls.candidate_burst
+                    )
                 return self.candidate_bucket
+            if self.signal_bucket is None:
+                self.signal_bucket = TokenBucket(
+                    calls.signals_per_second, calls.signal_burst
+                )
             return self.signal_bucket
         return self.bucket
 
@@ -392,11 +400,15 @@ class Connection:
         and a client that keeps going past the burst is closed with 4429."""
         # Strikes count per kind of message, so accepted chat in between does not
         # wash out a flood of candidates.
-        key = id(bucket)
+        strikes_by_bucket = self.strikes
         if bucket.take(time.monotonic()):
-            self.strikes[key] = 0
+            if strikes_by_bucket:
+                strikes_by_bucket.pop(id(bucket), None)
             return True
-        self.strikes[key] = strikes = self.strikes.get(key, 0) + 1
+        if strikes_by_bucket is None:
+            strikes_by_bucket = self.strikes = {}
+        key = id(bucket)
+        strikes_by_bucket[key] = strikes = strikes_by_bucket.get(key, 0) + 1
         if strikes > self.limits.message_burst:
             raise RateLimited("too many messages")
         self._error("rate_limited", "slow down: message ignored", message_id)
