@@ -33,6 +33,7 @@ from rooms.call_port import CallLimits, LeaveReason
 from rooms.hub import Member, RoomHub
 from rooms.messages import create_error, encode
 from signaling.calls import CallBook, Participant
+from signaling.echo import EchoRefused
 from signaling.ice import IceConfig
 from storage.calls import (
     close_interrupted_calls,
@@ -447,8 +448,6 @@ class CallService:
         except SignalRefused as refused:
             member.offer(create_error(refused.code, refused.message, msg.id))
             return False
-        from signaling.echo import EchoRefused
-
         def ended(reason: str) -> None:
             self._metrics.echo_sessions.set(self.echo.active() if self.echo else 0)
             member.offer(encode({"type": "echo.ended", "reason": reason}))

@@ -79,6 +79,20 @@ async def error_for(sock: Socket, message_id: str) -> dict[str, Any]:
     return await sock.recv_until("error", id=message_id)
 
 
+@pytest.fixture
+async def pair(
+    calls_server: ServerProcess, small: World
+) -> AsyncIterator[tuple[Socket, str]]:
+    """Two members of ``small`` in its call: the first one's socket, and the
+    connection id of the second (a target for its signals)."""
+    a, b = small.members[:2]
+    async with (
+        in_call(calls_server, a, small.room_id) as (sa, _ja),
+        in_call(calls_server, b, small.room_id) as (_sb, jb),
+    ):
+        yield sa, jb["connection_id"]
+
+
 async def test_join_leave_and_the_list_of_participants(
     server: ServerProcess, world: World
 ) -> None:
@@ -260,33 +274,26 @@ async def test_refusals(server: ServerProcess, world: World) -> None:
             assert await s.close_code() == 4403
 
 
-async def test_a_signal_flood_is_refused_then_closed(
-    calls_server: ServerProcess, small: World
-) -> None:
-    a, b = small.members[:2]
-    room = small.room_id
-    async with (
-        in_call(calls_server, a, room) as (sa, _ja),
-        in_call(calls_server, b, room) as (_sb, jb),
-    ):
-        offer = {
-            "type": "call.signal",
-            "to": jb["connection_id"],
-            "description": {"type": "offer", "sdp": SDP},
-        }
-        # The burst (40 offers by default) passes; past it each is refused; a client
-        # that keeps going (past the message burst, 30 by default) is closed.
-        for i in range(100):
-            await sa.send({**offer, "id": f"o{i}"})
-        refused = []
-        with contextlib.suppress(Exception):
-            while True:
-                frame = await sa.recv(timeout=5)
-                if frame["type"] == "error":
-                    refused.append((frame["code"], frame["id"]))
-        assert refused[0] == ("rate_limited", "o40")
-        assert len(refused) == 30
-        assert await sa.close_code() == 4429
+async def test_a_signal_flood_is_refused_then_closed(pair: tuple[Socket, str]) -> None:
+    sa, target = pair
+    offer = {
+        "type": "call.signal",
+        "to": target,
+        "description": {"type": "offer", "sdp": SDP},
+    }
+    # The burst (40 offers by default) passes; past it each is refused; a client
+    # that keeps going (past the message burst, 30 by default) is closed.
+    for i in range(100):
+        await sa.send({**offer, "id": f"o{i}"})
+    refused = []
+    with contextlib.suppress(Exception):
+        while True:
+            frame = await sa.recv(timeout=5)
+            if frame["type"] == "error":
+                refused.append((frame["code"], frame["id"]))
+    assert refused[0] == ("rate_limited", "o40")
+    assert len(refused) == 30
+    assert await sa.close_code() == 4429
 
 
 async def test_a_call_is_full_at_its_maximum(
@@ -546,23 +553,18 @@ async def test_call_minutes_on_the_dashboard_match_the_records(
 
 
 async def test_chat_in_between_does_not_excuse_a_candidate_flood(
-    calls_server: ServerProcess, small: World
+    pair: tuple[Socket, str],
 ) -> None:
-    a, b = small.members[:2]
-    room = small.room_id
-    async with (
-        in_call(calls_server, a, room) as (sa, _ja),
-        in_call(calls_server, b, room) as (_sb, jb),
-    ):
-        candidate = {
-            "type": "call.signal",
-            "to": jb["connection_id"],
-            "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"},
-        }
-        # 300 candidates pass (the burst); then each refused one is followed by an
-        # accepted ping, which must not reset the count of refusals.
-        for i in range(300 + 40):
-            await sa.send({**candidate, "id": f"c{i}"})
-            if i >= 300:
-                await sa.send({"type": "ping"})
-        assert await sa.close_code() == 4429
+    sa, target = pair
+    candidate = {
+        "type": "call.signal",
+        "to": target,
+        "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"},
+    }
+    # 300 candidates pass (the burst); then each refused one is followed by an
+    # accepted ping, which must not reset the count of refusals.
+    for i in range(300 + 40):
+        await sa.send({**candidate, "id": f"c{i}"})
+        if i >= 300:
+            await sa.send({"type": "ping"})
+    assert await sa.close_code() == 4429
