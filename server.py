@@ -61,6 +61,7 @@ from signaling import routes as call_routes
 from signaling.echo import EchoService
 from signaling.ice import IceConfig
 from signaling.service import CallService
+from signaling.store import open_call_store
 from storage import open_database, run_migrations
 
 log = logging.getLogger("coilroom")
@@ -522,6 +523,16 @@ def _presence_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _call_store_options(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_url:
+        return {}
+    return {
+        "key_prefix": settings.redis_prefix + "calls:",
+        "connect_timeout": settings.redis_timeout,
+        "command_timeout": settings.redis_timeout,
+    }
+
+
 class _FanOutCollector:
     """Broker counters and resyncs for ``/metrics`` (read when scraped)."""
 
@@ -624,6 +635,10 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                 on_expired=hub.announce,
                 **_presence_options(settings),
             ) as presence,
+            # With Redis, calls span processes too, on presence's heartbeats.
+            open_call_store(
+                settings.redis_url, presence, **_call_store_options(settings)
+            ) as call_store,
         ):
             hub.presence = presence
             app_metrics.registry.register(_FanOutCollector(broker, hub, documents))
@@ -656,6 +671,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
                 ),
                 ice=ice,
                 echo=echo,
+                store=call_store,
             )
             if not settings.redis_url:
                 # One process holds every call: any record still open is from a

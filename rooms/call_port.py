@@ -30,8 +30,9 @@ class CallLimits:
 class CallPort(Protocol):
     limits: CallLimits
 
-    def snapshot(self, room_id: int) -> dict[str, object] | None:
-        """The room's live call for the welcome frame, or None."""
+    async def snapshot(self, room_id: int) -> dict[str, object] | None:
+        """The room's live call for the welcome frame, or None (the call state may
+        be shared by several processes, so reading it can wait on Redis)."""
         ...
 
     async def join(self, room_id: int, member: Member, msg: CallJoin) -> None: ...
@@ -52,7 +53,7 @@ class CallPort(Protocol):
         self, room_id: int, member: Member, msg: CallModerate, *, allowed: bool
     ) -> None: ...
 
-    def ice_servers(
+    async def ice_servers(
         self, room_id: int, member: Member, message_id: str | None
     ) -> None: ...
 

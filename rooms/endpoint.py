@@ -220,7 +220,7 @@ class Connection:
                         "role": access.room.role.value,
                     },
                     "presence": [p.as_json() for p in snapshot],
-                    "call": services.calls.snapshot(self.room_id),
+                    "call": await services.calls.snapshot(self.room_id),
                     "chat": {"last_seq": last_seq, "last_edit": last_edit},
                     "limits": {
                         "max_frame_bytes": self.limits.max_frame_bytes,
@@ -459,7 +459,9 @@ class Connection:
                     self.room_id, self.member, msg, allowed=self._coordinates()
                 )
             case CallIceServers(id=message_id):
-                self.services.calls.ice_servers(self.room_id, self.member, message_id)
+                await self.services.calls.ice_servers(
+                    self.room_id, self.member, message_id
+                )
             case EchoStart():
                 if await self.services.calls.echo_start(
                     self.member, msg, on_end=self._echo_ended

@@ -229,6 +229,9 @@ class MemoryPresence:
 OnExpired = Callable[[int, Change], Awaitable[None] | None]
 """Told of presence changes no local call caused: ``(room_id, change)``."""
 
+ReapHook = Callable[[], Awaitable[None]]
+"""Run after each reaper pass, e.g. to expire other state held per process."""
+
 # Lua scripts: each change to a user's connections and the before/after it returns
 # happen in one atomic step, so concurrent processes agree on join/leave/update.
 # Keys (prefix P): P"procs" set of process ids; P"alive:{proc}" heartbeat with a TTL;
@@ -411,8 +414,20 @@ class RedisPresence:
         self._failing = False
         self._reap_after = 0.0
         self._closed: asyncio.Future[None] | None = None
+        self._reap_hooks: list[ReapHook] = []
 
     # -- keys --------------------------------------------------------------------
+
+    def alive_key(self, process_id: str | None = None) -> str:
+        """The heartbeat key of a process (this one by default): it exists while
+        the process is alive. Other per-process state (calls) keys its liveness
+        on it, so there is one liveness mechanism."""
+        return self._key("alive", self.process_id if process_id is None else process_id)
+
+    def add_reap_hook(self, hook: ReapHook) -> None:
+        """Run ``hook`` after each reaper pass of this process (same period and
+        back-off after an outage), to expire what dead processes held elsewhere."""
+        self._reap_hooks.append(hook)
 
     def _key(self, *parts: object) -> str:
         return self.key_prefix + ":".join(map(str, parts))
@@ -590,6 +605,7 @@ class RedisPresence:
                 # renew theirs before declaring anyone dead.
                 if clock() >= self._reap_after:
                     await self.reap()
+                    await self._run_reap_hooks()
             except (RedisError, OSError) as exc:
                 self._failed("heartbeat", exc)
                 self._reap_after = clock() + self.heartbeat_ttl
@@ -597,6 +613,15 @@ class RedisPresence:
                 # A bug must not stop the heartbeat: this process would be
                 # reaped, its members announced as gone while still here.
                 log.exception("redis presence: heartbeat failed")
+
+    async def _run_reap_hooks(self) -> None:
+        for hook in self._reap_hooks:
+            try:
+                await hook()
+            except (RedisError, OSError) as exc:
+                log.warning("redis presence: a reap hook failed: %s", exc)
+            except Exception:  # another module's bug must not stop the heartbeat
+                log.exception("redis presence: a reap hook failed")
 
     async def _beat(self) -> None:
         changes: list[tuple[int, Change]] = []

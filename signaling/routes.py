@@ -18,7 +18,7 @@ async def calls(request: Request) -> Response:
     assert limit is not None
     async with request.app.state.db.sessions() as session:
         records = await room_calls(session, access.room_id, before=before, limit=limit)
-    live = request.app.state.room_services.calls.snapshot(access.room_id)
+    live = await request.app.state.room_services.calls.snapshot(access.room_id)
     return json_response({"calls": [r.as_json() for r in records], "live": live})
 
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import anyio
+
 from rooms.broker import Envelope
 from rooms.call_messages import (
     CallJoin,
@@ -32,11 +34,20 @@ from rooms.call_messages import (
 from rooms.call_port import CallLimits, LeaveReason
 from rooms.hub import Member, RoomHub
 from rooms.messages import create_error, encode
-from signaling.calls import CallBook, Participant
+from signaling.calls import Left, Participant, newcomer_is_polite
 from signaling.echo import EchoRefused
 from signaling.ice import IceConfig
+from signaling.store import (
+    CallStore,
+    CallsUnavailable,
+    Joined,
+    MemoryCallStore,
+    StaleCall,
+)
 from storage.calls import (
     close_interrupted_calls,
+    close_uncertain_join,
+    discard_join,
     record_join,
     record_leave,
     record_media,
@@ -45,6 +56,11 @@ from storage.events import EventRow
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
+
+# A join retries when another process changed the room's call between its reading
+# and its adding (a call started or ended there): rare, and each retry sees the
+# newer call, so a few attempts are plenty.
+JOIN_ATTEMPTS = 5
 
 
 class EchoPeer(Protocol):
@@ -70,13 +86,17 @@ class CallService:
         limits: CallLimits,
         ice: IceConfig,
         echo: EchoPeer | None = None,
+        store: CallStore | None = None,
     ) -> None:
         self.hub = hub
         self.limits = limits
         self.ice = ice
         self.echo = echo
-        self.book = CallBook()
+        self.store: CallStore = MemoryCallStore() if store is None else store
+        self.store.attach(self.sweep)
         self._locks: dict[int, asyncio.Lock] = {}
+        # Joins whose outcome was lost: conn -> (record id, call id it started).
+        self._uncertain: dict[str, tuple[int, int | None]] = {}
         self._metrics = hub.metrics
 
     async def close_interrupted(self) -> None:
@@ -85,13 +105,19 @@ class CallService:
         if closed:
             log.info("closed %d call records left open by a previous run", closed)
 
-    def snapshot(self, room_id: int) -> dict[str, object] | None:
-        """The room's live call, for the welcome frame (None when there is none)."""
-        call = self.book.call_of(room_id)
+    async def snapshot(self, room_id: int) -> dict[str, object] | None:
+        """The room's live call, for the welcome frame (None when there is none,
+        or when the shared call state cannot be reached: see the README)."""
+        try:
+            call = await self.store.call_of(room_id)
+        except CallsUnavailable as exc:
+            log.warning("room %s: no call snapshot: %s", room_id, exc)
+            return None
         return None if call is None else call.as_json()
 
     def _lock(self, room_id: int) -> asyncio.Lock:
         # One lock per room that ever had a call; rooms are few and long-lived.
+        # With Redis it only spares this process's joins each other's retries.
         lock = self._locks.get(room_id)
         if lock is None:
             lock = self._locks[room_id] = asyncio.Lock()
@@ -100,104 +126,136 @@ class CallService:
     async def _publish(self, room_id: int, frame: dict[str, Any], to: str = "") -> None:
         await self.hub.publish(room_id, Envelope(text=encode(frame), to=to))
 
+    def _count(self) -> None:
+        calls, participants = self.store.local_counts()
+        self._metrics.calls.set(calls)
+        self._metrics.call_participants.set(participants)
+
+    def _unavailable(self, member: Member, message_id: str | None) -> None:
+        member.offer(
+            create_error(
+                "unavailable",
+                "calls are unavailable for a moment; try again",
+                message_id,
+            )
+        )
+
     # -- joining and leaving ------------------------------------------------------
 
     async def join(self, room_id: int, member: Member, msg: CallJoin) -> None:
-        user = member.user
         async with self._lock(room_id):
-            book = self.book
-            try:
-                book.check_join(room_id, member.conn_id, self.limits.max_participants)
-            except SignalRefused as refused:
-                member.offer(create_error(refused.code, refused.message, msg.id))
+            # Rows first, then the store adds the participant to the call the rows
+            # name; a call that changed in between (another process) means again.
+            for _attempt in range(JOIN_ATTEMPTS):
+                try:
+                    joined = await self._try_join(room_id, member, msg)
+                except StaleCall:
+                    continue
+                except SignalRefused as refused:
+                    member.offer(create_error(refused.code, refused.message, msg.id))
+                    return
+                except CallsUnavailable as exc:
+                    log.warning("room %s: call join refused: %s", room_id, exc)
+                    self._unavailable(member, msg.id)
+                    return
+                except Exception:
+                    log.exception("room %s: storing a call join failed", room_id)
+                    self._metrics.internal_errors.inc()
+                    self._unavailable(member, msg.id)
+                    return
+                if joined is not None:
+                    await self._announce_join(room_id, member, msg, joined)
                 return
-            call = book.call_of(room_id)
-            now = utcnow()
-            used = {k for k, on in msg.media.as_json().items() if on and k != "hand"}
-            try:
-                call_id, record_id = await record_join(
-                    self.hub.sessions,
-                    room_id=room_id,
-                    call_id=None if call is None else call.call_id,
-                    user_id=user.id,
-                    conn_id=member.conn_id,
-                    at=now,
-                    used=used,
-                )
-            except Exception:
-                log.exception("room %s: storing a call join failed", room_id)
-                self._metrics.internal_errors.inc()
-                member.offer(
-                    create_error(
-                        "unavailable", "could not join the call; try again", msg.id
-                    )
-                )
-                return
-            started = call is None
-            if call is None:
-                call = book.start(room_id, call_id, user.id, now)
-                self._metrics.calls.inc()
-            participant = book.join(
+            log.warning("room %s: call join kept racing; refused", room_id)
+            self._unavailable(member, msg.id)
+
+    async def _try_join(
+        self, room_id: int, member: Member, msg: CallJoin
+    ) -> Joined | None:
+        """One attempt; raises ``StaleCall`` to be tried again."""
+        store, user = self.store, member.user
+        call_id = await store.peek(
+            room_id, member.conn_id, self.limits.max_participants
+        )
+        now = utcnow()
+        used = {k for k, on in msg.media.as_json().items() if on and k != "hand"}
+        new_call_id, record_id = await record_join(
+            self.hub.sessions,
+            room_id=room_id,
+            call_id=call_id,
+            user_id=user.id,
+            conn_id=member.conn_id,
+            at=now,
+            used=used,
+        )
+        participant = Participant(
+            member.conn_id, user, msg.media, msg.rollback, now, record_id
+        )
+        participant.note_media()
+        started_call = new_call_id if call_id is None else None
+        try:
+            return await store.join(
                 room_id,
-                member.conn_id,
-                user,
-                media=msg.media,
-                rollback=msg.rollback,
-                now=now,
+                participant,
+                call_id=new_call_id,
+                started=call_id is None,
                 max_participants=self.limits.max_participants,
             )
-            participant.record_id = record_id
-            self._metrics.call_participants.inc()
-            polite = book.roles_toward(room_id, participant)
-            servers, expires = self.ice.servers_for(user.id, time.time())
-            others = [p for p in call.participants.values() if p is not participant]
-            joined: dict[str, Any] = {
-                "type": "call.joined",
-                "call_id": call.call_id,
-                "connection_id": member.conn_id,
-                "started_at": call.as_json()["started_at"],
-                "participants": [
-                    {**p.as_json(), "polite": polite[p.conn_id]} for p in others
-                ],
-                "ice_servers": servers,
-                "ice_expires_at": expires,
-                "max_participants": self.limits.max_participants,
-            }
-            if msg.id is not None:
-                joined["id"] = msg.id
-            # The joiner learns who is there before anyone learns of the joiner, so
-            # its offers (it makes them) never race an offer made to it.
-            member.offer(encode(joined))
-            if started:
-                await self._publish(
-                    room_id,
-                    {
-                        "type": "call.started",
-                        "call_id": call.call_id,
-                        "started_at": joined["started_at"],
-                        "by": {"id": user.id, "name": user.name},
-                    },
-                )
-                self.hub.record(
-                    EventRow(
-                        "call",
-                        room_id,
-                        user.id,
-                        {"action": "start", "call_id": call.call_id},
-                        at=now,
+        except (StaleCall, SignalRefused):
+            # Surely not in the call: its rows must not stay (nor a session it
+            # would have started: a call has one session).
+            with anyio.CancelScope(shield=True):
+                try:
+                    await discard_join(
+                        self.hub.sessions, record_id=record_id, call_id=started_call
                     )
-                )
+                except Exception:
+                    log.exception("room %s: discarding a call join failed", room_id)
+            raise
+        except BaseException:
+            # Maybe in the call (a lost reply): the store left it pending, and
+            # the sweep either takes it out (a leave, announced) or finds it was
+            # never in and closes these rows.
+            self._uncertain[member.conn_id] = (record_id, started_call)
+            raise
+
+    async def _announce_join(
+        self, room_id: int, member: Member, msg: CallJoin, joined: Joined
+    ) -> None:
+        user, call, participant = member.user, joined.call, joined.participant
+        self._count()
+        polite = {
+            other.conn_id: newcomer_is_polite(participant.rollback, other.rollback)
+            for other in call.participants.values()
+            if other.conn_id != participant.conn_id
+        }
+        servers, expires = self.ice.servers_for(user.id, time.time())
+        others = [p for p in call.participants.values() if p.conn_id in polite]
+        joined_frame: dict[str, Any] = {
+            "type": "call.joined",
+            "call_id": call.call_id,
+            "connection_id": member.conn_id,
+            "started_at": call.as_json()["started_at"],
+            "participants": [
+                {**p.as_json(), "polite": polite[p.conn_id]} for p in others
+            ],
+            "ice_servers": servers,
+            "ice_expires_at": expires,
+            "max_participants": self.limits.max_participants,
+        }
+        if msg.id is not None:
+            joined_frame["id"] = msg.id
+        # The joiner learns who is there before anyone learns of the joiner, so
+        # its offers (it makes them) never race an offer made to it.
+        member.offer(encode(joined_frame))
+        if joined.started:
             await self._publish(
                 room_id,
                 {
-                    "type": "call.participant_joined",
+                    "type": "call.started",
                     "call_id": call.call_id,
-                    "participant": participant.as_json(),
-                    # Each earlier participant's side toward the newcomer.
-                    "roles": {
-                        conn: "impolite" if newcomer_polite else "polite"
-                        for conn, newcomer_polite in polite.items()
-                    },
+                    "started_at": joined_frame["started_at"],
+                    "by": {"id": user.id, "name": user.name},
                 },
             )
             self.hub.record(
@@ -205,10 +263,32 @@ class CallService:
                     "call",
                     room_id,
                     user.id,
-                    {"action": "join", "call_id": call.call_id},
-                    at=now,
+                    {"action": "start", "call_id": call.call_id},
+                    at=participant.joined_at,
                 )
             )
+        await self._publish(
+            room_id,
+            {
+                "type": "call.participant_joined",
+                "call_id": call.call_id,
+                "participant": participant.as_json(),
+                # Each earlier participant's side toward the newcomer.
+                "roles": {
+                    conn: "impolite" if newcomer_polite else "polite"
+                    for conn, newcomer_polite in polite.items()
+                },
+            },
+        )
+        self.hub.record(
+            EventRow(
+                "call",
+                room_id,
+                user.id,
+                {"action": "join", "call_id": call.call_id},
+                at=participant.joined_at,
+            )
+        )
 
     async def leave(
         self,
@@ -217,29 +297,83 @@ class CallService:
         reason: LeaveReason,
         message_id: str | None = None,
     ) -> bool:
-        """Take a connection out of the room's call; False if it was not in one."""
-        if await self._take_out(room_id, member.conn_id, reason):
-            return True
+        """Take a connection out of the room's call; False if it was not in one.
+
+        While the shared call state is unreachable a ``left`` is refused with
+        ``unavailable``; a disconnection is kept by the store and announced once
+        Redis takes it.
+        """
+        try:
+            if await self._take_out(room_id, member.conn_id, reason):
+                return True
+        except CallsUnavailable as exc:
+            log.warning("room %s: call leave deferred: %s", room_id, exc)
+            if reason == "left":
+                self._unavailable(member, message_id)
+            return False
         if reason == "left":
             member.offer(create_error("not_in_call", "not in the call", message_id))
         return False
 
     async def _take_out(self, room_id: int, conn_id: str, reason: LeaveReason) -> bool:
         async with self._lock(room_id):
-            now = utcnow()
-            left = self.book.leave(room_id, conn_id, now)
+            left = await self.store.leave(room_id, conn_id, utcnow())
+            uncertain = self._uncertain.pop(conn_id, None)
             if left is None:
+                if uncertain is not None:
+                    await self._close_uncertain(room_id, uncertain)
                 return False
-            call = left.call
-            await self._finish_leave(
-                room_id, left.participant, call.call_id, reason, now, left.user_seconds
-            )
-            if left.ended:
-                await self._finish_call(room_id, call.call_id, call.started_at)
-            await self._store_leave(
-                room_id, left.participant, reason, call.call_id if left.ended else None
-            )
+            await self._after_leave(room_id, left, reason)
             return True
+
+    async def sweep(self) -> None:
+        """Expire what other processes or Redis left behind (run periodically by
+        the store, on every process: after each presence reaper pass).
+
+        First the leaves Redis has not taken (it was unreachable), then the
+        participants of processes that died, each announced as ``disconnected``
+        by exactly one process. Raises ``CallsUnavailable`` while Redis is out
+        of reach (the rest waits for the next pass).
+        """
+        for conn_id, room_id in self.store.pending_leaves():
+            await self._take_out(room_id, conn_id, "disconnected")
+        for room_id, left in await self.store.reap(utcnow()):
+            try:
+                async with self._lock(room_id):
+                    await self._after_leave(room_id, left, "disconnected")
+            except Exception:  # one room's failure must not lose the others
+                log.exception("room %s: announcing an expired call leave", room_id)
+
+    async def _close_uncertain(
+        self, room_id: int, uncertain: tuple[int, int | None]
+    ) -> None:
+        record_id, started_call = uncertain
+        try:
+            await close_uncertain_join(
+                self.hub.sessions,
+                record_id=record_id,
+                call_id=started_call,
+                at=utcnow(),
+            )
+        except Exception:
+            log.exception("room %s: closing an unfinished call join failed", room_id)
+
+    async def _after_leave(self, room_id: int, left: Left, reason: LeaveReason) -> None:
+        call = left.call
+        self._count()
+        await self._finish_leave(
+            room_id,
+            left.participant,
+            call.call_id,
+            reason,
+            utcnow(),
+            left.user_seconds,
+        )
+        if left.ended:
+            await self._finish_call(room_id, call.call_id, call.started_at)
+        await self._store_leave(
+            room_id, left.participant, reason, call.call_id if left.ended else None
+        )
 
     async def _finish_leave(
         self,
@@ -250,7 +384,6 @@ class CallService:
         now: dt.datetime,
         user_seconds: float | None,
     ) -> None:
-        self._metrics.call_participants.dec()
         await self._publish(
             room_id,
             {
@@ -282,7 +415,6 @@ class CallService:
     async def _finish_call(
         self, room_id: int, call_id: int, started_at: dt.datetime
     ) -> None:
-        self._metrics.calls.dec()
         now = utcnow()
         seconds = round((now - started_at).total_seconds(), 3)
         await self._publish(
@@ -325,12 +457,19 @@ class CallService:
     # -- in the call ----------------------------------------------------------------
 
     async def signal(self, room_id: int, member: Member, msg: CallSignal) -> None:
-        """Relay an offer, answer or candidate to one participant of the same call."""
+        """Relay an offer, answer or candidate to one participant of the same call.
+
+        The target may be connected to another process: the envelope names its
+        connection, and the hub of whichever process holds it delivers it.
+        """
         try:
             check_signal(msg, max_sdp_bytes=self.limits.max_sdp_bytes)
-            target = self.book.target(room_id, member.conn_id, msg.to)
+            target = await self.store.target(room_id, member.conn_id, msg.to)
         except SignalRefused as refused:
             member.offer(create_error(refused.code, refused.message, msg.id))
+            return
+        except CallsUnavailable:
+            self._unavailable(member, msg.id)
             return
         frame: dict[str, Any] = {
             "type": "call.signal",
@@ -346,20 +485,23 @@ class CallService:
         await self._publish(room_id, frame, to=target.conn_id)
 
     async def media(self, room_id: int, member: Member, msg: CallMedia) -> None:
+        changes = {
+            "audio": msg.audio,
+            "video": msg.video,
+            "screen": msg.screen,
+            "hand": msg.hand,
+        }
         try:
-            before = set(self.book.sender(room_id, member.conn_id).used)
-            participant = self.book.set_media(
-                room_id,
-                member.conn_id,
-                audio=msg.audio,
-                video=msg.video,
-                screen=msg.screen,
-                hand=msg.hand,
+            call_id, participant, before = await self.store.set_media(
+                room_id, member.conn_id, changes
             )
         except SignalRefused as refused:
             member.offer(create_error(refused.code, refused.message, msg.id))
             return
-        await self._announce_media(room_id, participant)
+        except CallsUnavailable:
+            self._unavailable(member, msg.id)
+            return
+        await self._announce_media(room_id, call_id, participant)
         if participant.used != before:
             try:
                 await record_media(
@@ -370,13 +512,12 @@ class CallService:
             except Exception:
                 log.exception("room %s: storing call media use failed", room_id)
 
-    async def _announce_media(self, room_id: int, p: Participant) -> None:
-        call = self.book.call_of(room_id)
+    async def _announce_media(self, room_id: int, call_id: int, p: Participant) -> None:
         await self._publish(
             room_id,
             {
                 "type": "call.media",
-                "call_id": call.call_id if call else None,
+                "call_id": call_id,
                 "connection_id": p.conn_id,
                 "user_id": p.user.id,
                 "media": p.media.as_json(),
@@ -394,27 +535,44 @@ class CallService:
                 )
             )
             return
-        target = self.book.participant(room_id, msg.target)
-        if target is None:
-            member.offer(
-                create_error("unknown_peer", "no such participant in this call", msg.id)
+        try:
+            target = await self.store.participant(room_id, msg.target)
+            if target is None:
+                member.offer(
+                    create_error(
+                        "unknown_peer", "no such participant in this call", msg.id
+                    )
+                )
+                return
+            by = {"id": member.user.id, "name": member.user.name}
+            await self._publish(
+                room_id,
+                {"type": "call.moderated", "action": msg.action, "by": by},
+                to=target.conn_id,
             )
-            return
-        by = {"id": member.user.id, "name": member.user.name}
-        await self._publish(
-            room_id,
-            {"type": "call.moderated", "action": msg.action, "by": by},
-            to=target.conn_id,
-        )
-        if msg.action == "mute":
-            if target.media.audio:
-                target = self.book.set_media(room_id, target.conn_id, audio=False)
-                await self._announce_media(room_id, target)
-            return
-        await self._take_out(room_id, target.conn_id, "removed")
+            if msg.action == "mute":
+                if target.media.audio:
+                    try:
+                        call_id, target, _ = await self.store.set_media(
+                            room_id, target.conn_id, {"audio": False}
+                        )
+                    except SignalRefused:
+                        return  # it left meanwhile
+                    await self._announce_media(room_id, call_id, target)
+                return
+            await self._take_out(room_id, target.conn_id, "removed")
+        except CallsUnavailable:
+            self._unavailable(member, msg.id)
 
-    def ice_servers(self, room_id: int, member: Member, message_id: str | None) -> None:
-        if self.book.participant(room_id, member.conn_id) is None:
+    async def ice_servers(
+        self, room_id: int, member: Member, message_id: str | None
+    ) -> None:
+        try:
+            participant = await self.store.participant(room_id, member.conn_id)
+        except CallsUnavailable:
+            self._unavailable(member, message_id)
+            return
+        if participant is None:
             member.offer(create_error("not_in_call", "join the call first", message_id))
             return
         servers, expires = self.ice.servers_for(member.user.id, time.time())
@@ -448,6 +606,7 @@ class CallService:
         except SignalRefused as refused:
             member.offer(create_error(refused.code, refused.message, msg.id))
             return False
+
         def ended(reason: str) -> None:
             self._metrics.echo_sessions.set(self.echo.active() if self.echo else 0)
             member.offer(encode({"type": "echo.ended", "reason": reason}))

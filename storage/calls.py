@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import CallParticipant, CallSession, User
@@ -67,11 +67,15 @@ async def record_leave(
     reason: str,
     end_call_id: int | None = None,
 ) -> None:
-    """Store a participant leaving (and the call ending, when it was the last one)."""
+    """Store a participant leaving (and the call ending, when it was the last one).
+
+    A row already closed is left as it is: each stay is closed exactly once, by
+    whichever process took the participant out first.
+    """
     async with sessions.begin() as session:
         await session.execute(
             update(CallParticipant)
-            .where(CallParticipant.id == record_id)
+            .where(CallParticipant.id == record_id, CallParticipant.left_at.is_(None))
             .values(
                 left_at=at,
                 left_reason=reason,
@@ -81,7 +85,52 @@ async def record_leave(
         if end_call_id is not None:
             await session.execute(
                 update(CallSession)
-                .where(CallSession.id == end_call_id)
+                .where(CallSession.id == end_call_id, CallSession.ended_at.is_(None))
+                .values(ended_at=at)
+            )
+
+
+async def discard_join(
+    sessions: Sessions, *, record_id: int, call_id: int | None = None
+) -> None:
+    """Delete the rows of a join that did not happen (``call_id``: the session it
+    would have started): another process changed the room's call first."""
+    async with sessions.begin() as session:
+        await session.execute(
+            delete(CallParticipant).where(CallParticipant.id == record_id)
+        )
+        if call_id is not None:
+            await session.execute(delete(CallSession).where(CallSession.id == call_id))
+
+
+async def close_uncertain_join(
+    sessions: Sessions, *, record_id: int, call_id: int | None, at: dt.datetime
+) -> None:
+    """Close the rows of a join whose outcome was never learnt (Redis went away
+    during it) and which is not in the call now: an ``interrupted`` stay, and
+    the session it started (``call_id``) if nobody else is in it."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(CallParticipant)
+            .where(CallParticipant.id == record_id, CallParticipant.left_at.is_(None))
+            .values(left_at=at, left_reason="interrupted")
+        )
+        if call_id is not None:
+            still_open = (
+                select(CallParticipant.id)
+                .where(
+                    CallParticipant.call_id == call_id,
+                    CallParticipant.left_at.is_(None),
+                )
+                .exists()
+            )
+            await session.execute(
+                update(CallSession)
+                .where(
+                    CallSession.id == call_id,
+                    CallSession.ended_at.is_(None),
+                    ~still_open,
+                )
                 .values(ended_at=at)
             )
 
