@@ -41,11 +41,13 @@ from signaling.store import (
     CallStore,
     CallsUnavailable,
     Joined,
+    Lost,
     MemoryCallStore,
     StaleCall,
 )
 from storage.calls import (
     close_interrupted_calls,
+    close_lost_stay,
     close_uncertain_join,
     discard_join,
     record_join,
@@ -332,9 +334,15 @@ class CallService:
 
         First the leaves Redis has not taken (it was unreachable), then the
         participants of processes that died, each announced as ``disconnected``
-        by exactly one process. Raises ``CallsUnavailable`` while Redis is out
-        of reach (the rest waits for the next pass).
+        by exactly one process; then our participants Redis lost. While Redis
+        is out of reach the rest waits for the next pass.
         """
+        try:
+            await self._sweep()
+        except CallsUnavailable as exc:
+            log.info("call sweep postponed: %s", exc)
+
+    async def _sweep(self) -> None:
         for conn_id, room_id in self.store.pending_leaves():
             await self._take_out(room_id, conn_id, "disconnected")
         for room_id, left in await self.store.reap(utcnow()):
@@ -343,6 +351,31 @@ class CallService:
                     await self._after_leave(room_id, left, "disconnected")
             except Exception:  # one room's failure must not lose the others
                 log.exception("room %s: announcing an expired call leave", room_id)
+        for lost in await self.store.lost():
+            try:
+                await self._close_lost(lost)
+            except Exception:
+                log.exception("room %s: closing a lost call stay", lost.room_id)
+
+    async def _close_lost(self, lost: Lost) -> None:
+        """Redis lost one of our participants (it restarted empty) with no leave
+        anyone announced: close its record, and tell the room, unless whoever
+        took it out did already (the record says so)."""
+        p, room_id = lost.participant, lost.room_id
+        now = utcnow()
+        closed, ended = await close_lost_stay(
+            self.hub.sessions,
+            record_id=p.record_id,
+            call_id=lost.call_id,
+            at=now,
+            reason=lost.reason,
+        )
+        self._count()
+        if not closed:
+            return
+        await self._finish_leave(room_id, p, lost.call_id, "disconnected", now, None)
+        if ended is not None:
+            await self._finish_call(room_id, lost.call_id, ended)
 
     async def _close_uncertain(
         self, room_id: int, uncertain: tuple[int, int | None]

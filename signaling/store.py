@@ -57,6 +57,16 @@ class StaleCall(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Lost:
+    """A participant of this process that the shared state lost track of."""
+
+    room_id: int
+    call_id: int
+    participant: Participant
+    reason: str  # for the record: "disconnected" or "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
 class Joined:
     """A participant was added: ``call`` lists everyone in join order, it included."""
 
@@ -124,6 +134,10 @@ class CallStore(Protocol):
 
     async def reap(self, now: dt.datetime) -> list[tuple[int, Left]]:
         """Participants of processes that died, taken out: ``(room, left)``."""
+        ...
+
+    async def lost(self) -> list[Lost]:
+        """This process's participants that the store lost without a leave."""
         ...
 
 
@@ -206,6 +220,9 @@ class MemoryCallStore:
         return []
 
     async def reap(self, now: dt.datetime) -> list[tuple[int, Left]]:
+        return []
+
+    async def lost(self) -> list[Lost]:
         return []
 
 
@@ -463,8 +480,11 @@ class RedisCallStore:
             script(_MEDIA),
             script(_REAP),
         )
-        # This process's participants (conn -> room), for the gauges.
-        self._mine: dict[str, int] = {}
+        # This process's participants, for the gauges and to notice those Redis
+        # lost (it restarted empty): conn -> (room, call id, participant).
+        self._mine: dict[str, tuple[int, int, Participant]] = {}
+        self._missing: set[str] = set()  # not in Redis at the last check
+        self._lost: list[Lost] = []
         # Connections whose leave (or join) Redis may not have taken: it was
         # unreachable, or the reply was lost. Left again by the sweep.
         self._pending: dict[str, int] = {}
@@ -578,7 +598,7 @@ class RedisCallStore:
             raise _refusal(status, max_participants)
         _, cid, started_at, started_by, records = reply
         call = self._call(room_id, cid, started_at, started_by, records)
-        self._mine[conn_id] = room_id
+        self._mine[conn_id] = (room_id, call.call_id, call.participants[conn_id])
         return Joined(call, call.participants[conn_id], started)
 
     async def _join_script(
@@ -612,9 +632,16 @@ class RedisCallStore:
                 # Left again by the sweep; the leave is announced then.
                 self._pending[conn_id] = room_id
             raise
-        self._mine.pop(conn_id, None)
+        mine = self._mine.pop(conn_id, None)
         self._pending.pop(conn_id, None)
-        return None if not reply else _left(reply, now)
+        self._missing.discard(conn_id)
+        if not reply:
+            if mine is not None:
+                # Ours, and Redis no longer has it: taken out by another process
+                # (that one closed the record), or lost with Redis's data.
+                self._lost.append(Lost(*mine, "disconnected"))
+            return None
+        return _left(reply, now)
 
     async def set_media(
         self, room_id: int, conn_id: str, changes: dict[str, bool | None]
@@ -634,12 +661,35 @@ class RedisCallStore:
         )
 
     def local_counts(self) -> tuple[int, int]:
-        return len(set(self._mine.values())), len(self._mine)
+        return len({room for room, _, _ in self._mine.values()}), len(self._mine)
 
     # -- expiry ------------------------------------------------------------------
 
     def pending_leaves(self) -> list[tuple[str, int]]:
         return list(self._pending.items())
+
+    async def lost(self) -> list[Lost]:
+        """This process's participants that Redis no longer holds although no
+        leave of ours took them out: missing at two checks in a row (a leave by
+        another process is in flight for a moment), or found missing by a leave.
+        """
+        try:
+            owned = await self._client.smembers(
+                f"{self.key_prefix}owned:{self.process_id}"
+            )
+        except (RedisError, OSError) as exc:
+            raise CallsUnavailable(str(exc)) from exc
+        lost, self._lost = self._lost, []
+        missing = {
+            conn
+            for conn, (room, _, _) in self._mine.items()
+            if f"{room}\t{conn}".encode() not in owned
+        }
+        for conn in missing & self._missing:
+            if conn in self._mine:
+                lost.append(Lost(*self._mine.pop(conn), "interrupted"))
+        self._missing = missing - self._missing
+        return lost
 
     async def reap(self, now: dt.datetime) -> list[tuple[int, Left]]:
         """Take out the participants of every process whose presence heartbeat

@@ -135,6 +135,53 @@ async def close_uncertain_join(
             )
 
 
+async def close_lost_stay(
+    sessions: Sessions, *, record_id: int, call_id: int, at: dt.datetime, reason: str
+) -> tuple[bool, dt.datetime | None]:
+    """Close a stay that the live call state lost (it is no longer anywhere),
+    unless it is closed already; end its call when no stay of it is open.
+
+    Returns whether this closed the stay, and the call's start when this ended
+    the call. The call's row is locked first, so two processes closing the last
+    two stays of one call cannot each see the other's as open.
+    """
+    async with sessions.begin() as session:
+        started_at = (
+            await session.execute(
+                select(CallSession.started_at)
+                .where(CallSession.id == call_id, CallSession.ended_at.is_(None))
+                .with_for_update()
+            )
+        ).scalar_one_or_none()
+        closed = (
+            await session.execute(
+                update(CallParticipant)
+                .where(
+                    CallParticipant.id == record_id, CallParticipant.left_at.is_(None)
+                )
+                .values(left_at=at, left_reason=reason)
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if started_at is None:
+            return bool(closed), None
+        still_open = (
+            await session.execute(
+                select(CallParticipant.id)
+                .where(
+                    CallParticipant.call_id == call_id,
+                    CallParticipant.left_at.is_(None),
+                )
+                .limit(1)
+            )
+        ).first()
+        if still_open is not None:
+            return bool(closed), None
+        await session.execute(
+            update(CallSession).where(CallSession.id == call_id).values(ended_at=at)
+        )
+        return bool(closed), started_at
+
+
 async def record_media(
     sessions: Sessions, *, record_id: int, used: Iterable[str]
 ) -> None:
