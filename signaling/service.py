@@ -43,6 +43,7 @@ from signaling.store import (
     Joined,
     Lost,
     MemoryCallStore,
+    NotAlive,
     StaleCall,
 )
 from storage.calls import (
@@ -203,7 +204,7 @@ class CallService:
                 started=call_id is None,
                 max_participants=self.limits.max_participants,
             )
-        except (StaleCall, SignalRefused):
+        except (StaleCall, SignalRefused, NotAlive):
             # Surely not in the call: its rows must not stay (nor a session it
             # would have started: a call has one session).
             with anyio.CancelScope(shield=True):

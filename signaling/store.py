@@ -52,6 +52,11 @@ class CallsUnavailable(Exception):
     """The shared call state cannot be reached (Redis down or too slow)."""
 
 
+class NotAlive(CallsUnavailable):
+    """This process's heartbeat is not in Redis (it just came back, or this process
+    stalled and was reaped): the join surely did not happen."""
+
+
 class StaleCall(Exception):
     """The room's call is not the one the join was prepared for: prepare again."""
 
@@ -593,7 +598,7 @@ class RedisCallStore:
         if status == "dead":
             # Our heartbeat is not in Redis (just reconnected, or we stalled and
             # were reaped): a participant now would be reaped at once.
-            raise CallsUnavailable("this process's heartbeat is not in Redis yet")
+            raise NotAlive("this process's heartbeat is not in Redis yet")
         if status != "ok":
             raise _refusal(status, max_participants)
         _, cid, started_at, started_by, records = reply
