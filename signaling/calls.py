@@ -2,8 +2,10 @@
 
 ``CallBook`` holds at most one live call per room and its participants (one per
 connection). It decides refusals (full call, sender or target not in the call) and
-the roles of each pair for perfect negotiation. Nothing here awaits or does I/O;
-``signaling.service`` owns a book and does the storing and publishing.
+the roles of each pair for perfect negotiation. Nothing here awaits or does I/O.
+``signaling.store`` keeps a book for one process, or the same state in Redis for
+several (with the same refusals and roles); ``signaling.service`` does the
+storing and publishing.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Left:
 
 
 class CallBook:
-    """Live calls of this process's rooms, keyed by room."""
+    """Live calls of rooms held by one process (the embedded default), by room."""
 
     def __init__(self) -> None:
         self._calls: dict[int, Call] = {}

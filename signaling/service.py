@@ -1,12 +1,14 @@
-"""Calls in rooms: the one owner of this process's call state, its records and relays.
+"""Calls in rooms: the one writer of call state, its records and relays.
 
 The room socket hands every call frame to ``CallService``, which checks it against
-the ``CallBook``, stores what must be kept (call sessions and participants, in one
-short transaction per join or leave), and publishes frames on the room's topic:
-room-wide ones (a participant joined, a call ended) to every member, signals to
-the one connection named in them. Membership changes of a room's call are
-serialised by a per-room lock, so two connections joining at once cannot both
-start a call or overfill it.
+the room's call in a ``CallStore`` (this process's ``CallBook``, or Redis when
+several processes serve the rooms: ``signaling.store``), stores what must be kept
+(call sessions and participants, in one short transaction per join or leave), and
+publishes frames on the room's topic: room-wide ones (a participant joined, a call
+ended) to every member, signals to the one connection named in them, which the
+hub of whichever process holds it delivers. Membership changes are serialised per
+room by a lock in this process and, across processes, by the store's atomic
+scripts, so joins at once on any processes cannot start two calls or overfill one.
 """
 
 from __future__ import annotations
