@@ -493,15 +493,23 @@ class RedisCallStore:
         # Connections whose leave (or join) Redis may not have taken: it was
         # unreachable, or the reply was lost. Left again by the sweep.
         self._pending: dict[str, int] = {}
+        self._closed = False
 
     async def __aenter__(self) -> RedisCallStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closed = True
         await self._client.aclose()
 
     def attach(self, sweep: Sweep) -> None:
-        self.presence.add_reap_hook(sweep)
+        async def hook() -> None:
+            # The presence heartbeat outlives this store by a moment at shutdown
+            # (it was opened first): a closed client must not reconnect.
+            if not self._closed:
+                await sweep()
+
+        self.presence.add_reap_hook(hook)
 
     async def _run(
         self, script: Any, *args: object, keys: list[str] | None = None
