@@ -57,6 +57,7 @@ from rooms.http import (
     internal_error_handler,
     json_response,
 )
+from rooms.ws_protocol import LeanWebSocketProtocol
 from signaling import routes as call_routes
 from signaling.echo import EchoService
 from signaling.ice import IceConfig
@@ -888,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws="websockets-sansio",
+        # uvicorn's websockets-sansio protocol, minus what an idle socket need not keep.
+        ws=LeanWebSocketProtocol,
         # No permessage-deflate: a compression context per socket costs hundreds of
         # KiB and CPU for every frame, for small JSON frames and CRDT updates.
         ws_per_message_deflate=False,
