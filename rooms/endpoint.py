@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -60,8 +62,8 @@ from rooms.messages import (
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
-from rooms.sending import QueuedSender, direct_writer, serve_while_reading
-from rooms.socket import RAW_SEND, frame_sender, parse_int, serve_socket
+from rooms.sending import QueuedSender, direct_writer
+from rooms.socket import RAW_SEND, frame_sender, parse_int, query, serve_socket
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.models import MemberRole, UserRole
 
@@ -101,21 +103,45 @@ class RoomServices:
     calls: CallPort
 
 
-async def room_socket(websocket: WebSocket) -> None:
-    """``/ws/rooms/{room_id}``: presence and chat (``docs/protocol.md``)."""
+def room_socket(websocket: WebSocket) -> Awaitable[None]:
+    """``/ws/rooms/{room_id}``: presence and chat (``docs/protocol.md``).
+
+    Not a coroutine itself: it hands back ``serve_socket``'s, so no frame of its own
+    (nor a closure) stays alive for the socket's lifetime."""
     services: RoomServices = websocket.app.state.room_services
-    params = websocket.query_params
+    return serve_socket(websocket, services, partial(_connect, websocket, services))
 
-    async def session(access: Access, conn_id: str) -> None:
-        after = parse_int(params.get("after"))
-        edits_after = parse_int(params.get("edits_after"))
-        await Connection(websocket, services, access, conn_id).run(after, edits_after)
 
-    await serve_socket(websocket, services, session)
+def _connect(
+    websocket: WebSocket, services: RoomServices, access: Access, conn_id: str
+) -> Awaitable[None]:
+    return Connection(websocket, services, access, conn_id).run()
 
 
 class Connection:
     """One member's socket in one room."""
+
+    # Slots: one of these lives as long as each open socket.
+    __slots__ = (
+        "_frames_sent",
+        "_scope",
+        "_send",
+        "access",
+        "bucket",
+        "candidate_bucket",
+        "conn_id",
+        "echo_running",
+        "limits",
+        "member",
+        "room_id",
+        "sender",
+        "services",
+        "signal_bucket",
+        "strikes",
+        "typing_deadline",
+        "user",
+        "ws",
+    )
 
     def __init__(
         self, websocket: WebSocket, services: RoomServices, access: Access, conn_id: str
@@ -159,7 +185,11 @@ class Connection:
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
 
-    async def run(self, after: int | None, edits_after: int | None) -> None:
+    async def run(self) -> None:
+        params = query(self.ws)
+        after = parse_int(params.get("after"))
+        edits_after = parse_int(params.get("edits_after"))
+        del params  # this frame lives as long as the socket
         hub = self.services.hub
         if hub.connections_of(self.user.id) >= self.limits.max_connections_per_user:
             raise RateLimited("too many connections for this user")
@@ -169,9 +199,8 @@ class Connection:
                 try:
                     await self._enter(room, after, edits_after)
                     # The sender starts with what arrived during the welcome.
-                    await serve_while_reading(
-                        self.sender, lambda: self._pump_inbox(room)
-                    )
+                    async with self.sender:
+                        await self._pump_inbox(room)
                 except RoomError as error:
                     failure = error
                 finally:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -544,9 +544,11 @@ class RoomHub:
     def connections_of(self, user_id: int) -> int:
         return self._user_connections.get(user_id, 0)
 
-    @contextlib.asynccontextmanager
-    async def join(self, room_id: int, member: Member) -> AsyncIterator[LocalRoom]:
-        """Be a member of the local room for the duration of the block."""
+    def join(self, room_id: int, member: Member) -> Membership:
+        """Be a member of the local room for the duration of an ``async with`` block."""
+        return Membership(self, room_id, member)
+
+    async def _enter(self, room_id: int, member: Member) -> LocalRoom:
         while True:
             room = self._rooms.get(room_id)
             if room is None:
@@ -566,24 +568,25 @@ class RoomHub:
         user_id = member.user.id
         self._user_connections[user_id] = self._user_connections.get(user_id, 0) + 1
         self.metrics.connections.inc()
-        try:
-            yield room
-        finally:
-            self.metrics.connections.dec()
-            left = self._user_connections.get(user_id, 1) - 1
-            if left:
-                self._user_connections[user_id] = left
-            else:
-                self._user_connections.pop(user_id, None)
-            room.members.pop(member.conn_id, None)
-            if not room.members:
-                # Leaving must complete even when the connection is being cancelled.
-                with anyio.CancelScope(shield=True):
-                    async with room.lock:
-                        if not room.members and not room.closed:
-                            if self._rooms.get(room_id) is room:
-                                del self._rooms[room_id]
-                            await room._close()
+        return room
+
+    async def _exit(self, room: LocalRoom, member: Member) -> None:
+        self.metrics.connections.dec()
+        user_id = member.user.id
+        left = self._user_connections.get(user_id, 1) - 1
+        if left:
+            self._user_connections[user_id] = left
+        else:
+            self._user_connections.pop(user_id, None)
+        room.members.pop(member.conn_id, None)
+        if not room.members:
+            # Leaving must complete even when the connection is being cancelled.
+            with anyio.CancelScope(shield=True):
+                async with room.lock:
+                    if not room.members and not room.closed:
+                        if self._rooms.get(room.room_id) is room:
+                            del self._rooms[room.room_id]
+                        await room._close()
 
     async def publish(self, room_id: int, envelope: Envelope) -> None:
         await self.broker.publish(room_topic(room_id), envelope)
@@ -646,3 +649,26 @@ class RoomHub:
             except Exception:
                 log.exception("writing %d activity events failed", len(batch))
                 self.metrics.events_dropped.inc(len(batch))
+
+
+class Membership:
+    """``async with hub.join(room_id, member) as room``: a member of the local room
+    inside the block. A class, not a generator-based context manager: it lives as
+    long as the socket, and a suspended generator frame costs several times more."""
+
+    __slots__ = ("_hub", "_member", "_room", "_room_id")
+
+    def __init__(self, hub: RoomHub, room_id: int, member: Member) -> None:
+        self._hub = hub
+        self._room_id = room_id
+        self._member = member
+        self._room: LocalRoom | None = None
+
+    async def __aenter__(self) -> LocalRoom:
+        self._room = await self._hub._enter(self._room_id, self._member)
+        return self._room
+
+    async def __aexit__(self, *exc: object) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            await self._hub._exit(room, self._member)

@@ -105,6 +105,13 @@ class QueuedSender:
         self._pumping = False
         self._task: asyncio.Task[None] | None = None
 
+    async def __aenter__(self) -> QueuedSender:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     def start(self) -> None:
         """Live frames may go out from now on (the opening frames were sent)."""
         self._running = True
@@ -159,9 +166,9 @@ class QueuedSender:
 async def serve_while_reading(
     sender: QueuedSender, read: Callable[[], Awaitable[None]]
 ) -> None:
-    """Send queued frames for as long as ``read`` (the inbound loop) runs."""
-    sender.start()
-    try:
+    """Send queued frames for as long as ``read`` (the inbound loop) runs.
+
+    (``async with sender:`` around the loop does the same and keeps no coroutine
+    frame or closure for the socket's lifetime.)"""
+    async with sender:
         await read()
-    finally:
-        await sender.stop()

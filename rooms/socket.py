@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -92,14 +93,23 @@ def frame_sender(websocket: WebSocket) -> Callable[[dict[str, Any]], Awaitable[N
     raw = websocket.scope.get(RAW_SEND)
     if raw is None:
         return websocket.send  # type: ignore[return-value]
+    return FrameSender(raw)
 
-    async def send(message: dict[str, Any]) -> None:
+
+class FrameSender:
+    """The server's ASGI send for one socket, with uvicorn's disconnect error mapped
+    to Starlette's (a slotted object: one lives as long as each socket)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Send) -> None:
+        self._raw = raw
+
+    async def __call__(self, message: dict[str, Any]) -> None:
         try:
-            await raw(message)
+            await self._raw(message)  # type: ignore[arg-type]
         except OSError:  # uvicorn's ClientDisconnected
             raise WebSocketDisconnect(1006) from None
-
-    return send
 
 
 def parse_int(value: str | None) -> int | None:
@@ -112,6 +122,20 @@ def parse_int(value: str | None) -> int | None:
     if number < 0:
         raise BadMessage("bad query parameter")
     return number
+
+
+def forget_handshake(websocket: WebSocket) -> None:
+    """Drop the upgrade request's headers (cookies, Origin, user agent...) once the
+    member is admitted: nothing reads them again, and an idle socket would keep
+    them for hours. The query string stays (``query``)."""
+    websocket.scope["headers"] = []
+    for cached in ("_headers", "_cookies", "_query_params", "_url"):
+        websocket.__dict__.pop(cached, None)
+
+
+def query(websocket: WebSocket) -> QueryParams:
+    """The socket's query parameters, parsed afresh (not kept on the socket)."""
+    return QueryParams(websocket.scope.get("query_string", b""))
 
 
 async def close_with(
@@ -151,6 +175,7 @@ async def serve_socket(
                 scheme=websocket.url.scheme,
             )
         metrics.connections_total.inc()
+        forget_handshake(websocket)
         await session(access, conn_id)
     except TimeoutError:
         code, reason = TryAgainLater.close_code, "open timed out"
