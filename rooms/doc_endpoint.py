@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Awaitable
+from functools import partial
 
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -26,7 +28,7 @@ from rooms.endpoint import RoomServices
 from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAgainLater
 from rooms.limits import TokenBucket
 from rooms.outbox import Outbox
-from rooms.sending import QueuedSender, direct_writer, serve_while_reading
+from rooms.sending import QueuedSender, direct_writer
 from rooms.socket import RAW_SEND, frame_sender, serve_socket
 from rooms.ysync import (
     Auth,
@@ -44,22 +46,41 @@ log = logging.getLogger(__name__)
 DOC_NAME = re.compile(r"[a-z0-9-]{1,64}")
 
 
-async def doc_socket(websocket: WebSocket) -> None:
-    """``/ws/docs/{room_id}/{doc_name}``: the standard y-websocket protocol."""
+def doc_socket(websocket: WebSocket) -> Awaitable[None]:
+    """``/ws/docs/{room_id}/{doc_name}``: the standard y-websocket protocol.
+
+    Not a coroutine itself: it hands back ``serve_socket``'s, so no frame of its own
+    (nor a closure) stays alive for the socket's lifetime."""
     services: RoomServices = websocket.app.state.room_services
-    registry: DocumentRegistry = websocket.app.state.documents
+    return serve_socket(websocket, services, partial(_connect, websocket, services))
+
+
+def _connect(
+    websocket: WebSocket, services: RoomServices, access: Access, conn_id: str
+) -> Awaitable[None]:
     name = websocket.path_params.get("doc_name", "")
-
-    async def session(access: Access, conn_id: str) -> None:
-        if not DOC_NAME.fullmatch(name):
-            raise RoomNotFound("no such document: names are [a-z0-9-]{1,64}")
-        await DocSession(websocket, services, registry, access, conn_id, name).run()
-
-    await serve_socket(websocket, services, session)
+    if not DOC_NAME.fullmatch(name):
+        raise RoomNotFound("no such document: names are [a-z0-9-]{1,64}")
+    registry: DocumentRegistry = websocket.app.state.documents
+    return DocSession(websocket, services, registry, access, conn_id, name).run()
 
 
 class DocSession:
     """One socket on one document."""
+
+    # Slots: one of these lives as long as each open socket.
+    __slots__ = (
+        "_scope",
+        "access",
+        "bucket",
+        "conn",
+        "limits",
+        "name",
+        "registry",
+        "sender",
+        "services",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -111,9 +132,8 @@ class DocSession:
                 for frame in opening:
                     conn.offer(frame)
                 with self._scope:
-                    await serve_while_reading(
-                        self.sender, lambda: self._pump_inbox(doc)
-                    )
+                    async with self.sender:
+                        await self._pump_inbox(doc)
             except RoomError as error:
                 failure = error
             finally:

@@ -161,14 +161,3 @@ class QueuedSender:
             self._on_error(exc)
         finally:
             self._pumping = False
-
-
-async def serve_while_reading(
-    sender: QueuedSender, read: Callable[[], Awaitable[None]]
-) -> None:
-    """Send queued frames for as long as ``read`` (the inbound loop) runs.
-
-    (``async with sender:`` around the loop does the same and keeps no coroutine
-    frame or closure for the socket's lifetime.)"""
-    async with sender:
-        await read()
