@@ -117,7 +117,9 @@ class Metrics:
             registry=r,
         )
         self.calls = Gauge(
-            "coilroom_calls_live", "Live calls in this process's rooms", registry=r
+            "coilroom_calls_live",
+            "Live calls with a participant connected to this process",
+            registry=r,
         )
         self.call_participants = Gauge(
             "coilroom_call_participants",

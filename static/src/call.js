@@ -264,6 +264,9 @@ export function showCall(box, ctx) {
       case "call.participant_joined": return onParticipantJoined(frame);
       case "call.participant_left": return onParticipantLeft(frame);
       case "call.ended":
+        // With several server processes a late "ended" of an earlier call can
+        // arrive after the next call started: only the call it names ends.
+        if (st.call && frame.call_id && st.call.callId !== frame.call_id) break;
         if (st.joined) endLocally();
         st.call = null;
         break;
