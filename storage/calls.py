@@ -146,13 +146,7 @@ async def close_lost_stay(
     two stays of one call cannot each see the other's as open.
     """
     async with sessions.begin() as session:
-        started_at = (
-            await session.execute(
-                select(CallSession.started_at)
-                .where(CallSession.id == call_id, CallSession.ended_at.is_(None))
-                .with_for_update()
-            )
-        ).scalar_one_or_none()
+        started_at = await _lock_open_call(session, call_id)
         closed = (
             await session.execute(
                 update(CallParticipant)
@@ -162,24 +156,51 @@ async def close_lost_stay(
                 .values(left_at=at, left_reason=reason)
             )
         ).rowcount  # type: ignore[attr-defined]
-        if started_at is None:
+        if started_at is None or not await _end_if_empty(session, call_id, at):
             return bool(closed), None
-        still_open = (
-            await session.execute(
-                select(CallParticipant.id)
-                .where(
-                    CallParticipant.call_id == call_id,
-                    CallParticipant.left_at.is_(None),
-                )
-                .limit(1)
-            )
-        ).first()
-        if still_open is not None:
-            return bool(closed), None
-        await session.execute(
-            update(CallSession).where(CallSession.id == call_id).values(ended_at=at)
-        )
         return bool(closed), started_at
+
+
+async def close_empty_call(
+    sessions: Sessions, *, call_id: int, at: dt.datetime
+) -> bool:
+    """End a call that no open stay belongs to, unless it ended already.
+
+    Returns whether this ended it. Locked like ``close_lost_stay``, so a call
+    ends once however many processes close it at once.
+    """
+    async with sessions.begin() as session:
+        if await _lock_open_call(session, call_id) is None:
+            return False
+        return await _end_if_empty(session, call_id, at)
+
+
+async def _lock_open_call(session: AsyncSession, call_id: int) -> dt.datetime | None:
+    """Lock the row of call ``call_id`` if it is open; its start, or None."""
+    return (
+        await session.execute(
+            select(CallSession.started_at)
+            .where(CallSession.id == call_id, CallSession.ended_at.is_(None))
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+
+
+async def _end_if_empty(session: AsyncSession, call_id: int, at: dt.datetime) -> bool:
+    """End call ``call_id`` (its row locked) if no stay of it is open."""
+    still_open = (
+        select(CallParticipant.id)
+        .where(CallParticipant.call_id == call_id, CallParticipant.left_at.is_(None))
+        .exists()
+    )
+    # The condition is in the UPDATE too: SQLite ignores FOR UPDATE, and takes
+    # its write lock only here.
+    ended = await session.execute(
+        update(CallSession)
+        .where(CallSession.id == call_id, CallSession.ended_at.is_(None), ~still_open)
+        .values(ended_at=at)
+    )
+    return bool(ended.rowcount)  # type: ignore[attr-defined]
 
 
 async def record_media(
@@ -208,6 +229,53 @@ async def close_interrupted_calls(sessions: Sessions, at: dt.datetime) -> int:
             .values(ended_at=at)
         )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRecords:
+    """Call records still open that began before some moment."""
+
+    stays: list[tuple[int, int, int]]  # (record id, call id, room id)
+    calls: list[tuple[int, int]]  # (call id, room id) of calls with no open stay
+
+
+async def open_records(
+    sessions: Sessions, *, before: dt.datetime, limit: int
+) -> OpenRecords:
+    """Open stays that joined before ``before``, and open calls that started
+    before it with no open stay (at most ``limit`` of each, oldest first): what
+    to check against the live calls for records nothing will ever close."""
+    async with sessions.begin() as session:
+        stays = await session.execute(
+            select(CallParticipant.id, CallParticipant.call_id, CallSession.room_id)
+            .join(CallSession, CallSession.id == CallParticipant.call_id)
+            .where(
+                CallParticipant.left_at.is_(None), CallParticipant.joined_at < before
+            )
+            .order_by(CallParticipant.id)
+            .limit(limit)
+        )
+        open_stay = (
+            select(CallParticipant.id)
+            .where(
+                CallParticipant.call_id == CallSession.id,
+                CallParticipant.left_at.is_(None),
+            )
+            .exists()
+        )
+        calls = await session.execute(
+            select(CallSession.id, CallSession.room_id)
+            .where(
+                CallSession.ended_at.is_(None),
+                CallSession.started_at < before,
+                ~open_stay,
+            )
+            .order_by(CallSession.id)
+            .limit(limit)
+        )
+        return OpenRecords(
+            [(r, c, room) for r, c, room in stays], [(c, room) for c, room in calls]
+        )
 
 
 @dataclass(frozen=True, slots=True)
