@@ -43,16 +43,20 @@ from signaling.store import (
     CallStore,
     CallsUnavailable,
     Joined,
+    LiveCalls,
     Lost,
     MemoryCallStore,
     NotAlive,
     StaleCall,
 )
 from storage.calls import (
+    OpenRecords,
+    close_empty_call,
     close_interrupted_calls,
     close_lost_stay,
     close_uncertain_join,
     discard_join,
+    open_records,
     record_join,
     record_leave,
     record_media,
@@ -66,6 +70,15 @@ log = logging.getLogger(__name__)
 # and its adding (a call started or ended there): rare, and each retry sees the
 # newer call, so a few attempts are plenty.
 JOIN_ATTEMPTS = 5
+
+# Open call records that no live call stands for (a process killed between
+# storing a join's rows and running its script) are looked for at most this
+# often (seconds) by each process's sweep, and closed when two looks in a row
+# find them so: whoever should close a record it holds (a process whose
+# participants Redis lost) has done so well within a minute.
+ORPHAN_CHECK_INTERVAL = 60.0
+# Records checked per look, oldest first; more wait for the next one.
+ORPHAN_BATCH = 500
 
 
 class EchoPeer(Protocol):
@@ -103,6 +116,9 @@ class CallService:
         # Joins whose outcome was lost: conn -> (record id, call id it started).
         self._uncertain: dict[str, tuple[int, int | None]] = {}
         self._metrics = hub.metrics
+        # Records found orphaned by the last look: ("stay" | "call", id).
+        self._suspects: set[tuple[str, int]] = set()
+        self._orphans_due = 0.0  # time.monotonic() of the next look
 
     async def close_interrupted(self) -> None:
         """At start-up of a single process: calls it had open when it stopped are over."""
@@ -337,13 +353,25 @@ class CallService:
 
         First the leaves Redis has not taken (it was unreachable), then the
         participants of processes that died, each announced as ``disconnected``
-        by exactly one process; then our participants Redis lost. While Redis
-        is out of reach the rest waits for the next pass.
+        by exactly one process; then our participants Redis lost; at most once
+        every ``ORPHAN_CHECK_INTERVAL``, records nothing will ever close
+        (``close_orphans``). While Redis is out of reach the rest waits for the
+        next pass.
         """
         try:
             await self._sweep()
         except CallsUnavailable as exc:
             log.info("call sweep postponed: %s", exc)
+            return
+        if self.store.orphan_age is None or time.monotonic() < self._orphans_due:
+            return
+        self._orphans_due = time.monotonic() + ORPHAN_CHECK_INTERVAL
+        try:
+            await self.close_orphans()
+        except CallsUnavailable as exc:
+            log.info("orphaned call records not looked for: %s", exc)
+        except Exception:  # the database: the next look tries again
+            log.exception("looking for orphaned call records failed")
 
     async def _sweep(self) -> None:
         for conn_id, room_id in self.store.pending_leaves():
@@ -359,6 +387,68 @@ class CallService:
                 await self._close_lost(lost)
             except Exception:
                 log.exception("room %s: closing a lost call stay", lost.room_id)
+
+    async def close_orphans(self) -> tuple[int, int]:
+        """Close the call records that nothing will ever close: open stays that
+        joined over the store's ``orphan_age`` ago whose participant is in no
+        live call, and open calls that old with no open stay that are not live.
+
+        A process killed with -9 between storing a join's rows and running its
+        script leaves them: nobody was told of that join, so nothing is
+        announced. A record is closed (``interrupted``) only when this look and
+        the one before (``sweep`` spaces them ``ORPHAN_CHECK_INTERVAL`` apart)
+        both found it orphaned, so a process that still holds it (Redis lost
+        its participant) closes and announces it first. Several processes may
+        look at once: only records still open are closed, under the call's row
+        lock, so each is closed once. Raises ``CallsUnavailable`` (nothing
+        closed) while Redis cannot be asked.
+
+        Returns how many stays and calls this look closed.
+        """
+        age = self.store.orphan_age
+        if age is None:
+            return 0, 0  # one process: closed at start-up (close_interrupted)
+        now = utcnow()
+        # The rows are read before Redis: a join whose rows are read has run
+        # its script (or given up) long before, so Redis shows its outcome.
+        records = await open_records(
+            self.hub.sessions,
+            before=now - dt.timedelta(seconds=age),
+            limit=ORPHAN_BATCH,
+        )
+        live = await self.store.live_calls(
+            {room for *_, room in records.stays} | {room for _, room in records.calls}
+        )
+        suspects = _orphans(records, live)
+        confirmed = suspects & self._suspects
+        self._suspects = suspects
+        stays = calls = 0
+        for record_id, call_id, room_id in records.stays:
+            if ("stay", record_id) not in confirmed:
+                continue
+            closed, ended = await close_lost_stay(
+                self.hub.sessions,
+                record_id=record_id,
+                call_id=call_id,
+                at=now,
+                reason="interrupted",
+            )
+            stays += closed
+            calls += ended is not None
+            if closed:
+                log.info(
+                    "room %s: closed call stay %s (call %s) that no live call holds",
+                    room_id,
+                    record_id,
+                    call_id,
+                )
+        for call_id, room_id in records.calls:
+            if ("call", call_id) in confirmed and await close_empty_call(
+                self.hub.sessions, call_id=call_id, at=now
+            ):
+                calls += 1
+                log.info("room %s: ended call %s that is not live", room_id, call_id)
+        return stays, calls
 
     async def _close_lost(self, lost: Lost) -> None:
         """Redis lost one of our participants (it restarted empty) with no leave
@@ -486,7 +576,8 @@ class CallService:
             )
         except Exception:
             # The call is over for everyone already; the record keeps the join
-            # time and is closed at the next start of a single process.
+            # time and is closed at the next start of a single process, or by
+            # close_orphans with Redis.
             log.exception("room %s: storing a call leave failed", room_id)
             self._metrics.internal_errors.inc()
 
@@ -668,3 +759,18 @@ class CallService:
         if self.echo is None:
             return False
         return await self.echo.stop(member.user.id)
+
+
+def _orphans(records: OpenRecords, live: LiveCalls) -> set[tuple[str, int]]:
+    """The open records among ``records`` that ``live`` does not stand for."""
+    orphans = {
+        ("stay", record_id)
+        for record_id, _, _ in records.stays
+        if record_id not in live.records
+    }
+    orphans.update(
+        ("call", call_id)
+        for call_id, room_id in records.calls
+        if live.calls.get(room_id) != call_id
+    )
+    return orphans

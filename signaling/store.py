@@ -21,6 +21,12 @@ presence heartbeat is not in Redis. After every presence reaper pass, each proce
 runs one atomic script that takes out the participants of processes whose
 heartbeat expired: each of them is returned to exactly one process, which
 announces the leave and closes the record.
+
+What nothing announces is a join cut short by a kill -9 after its rows were
+stored and before its script ran: no participant in Redis, so no reaper finds
+it. The service's sweep closes such records once they are older than the
+store's ``orphan_age`` (``CallService.close_orphans``), asking ``live_calls``
+which records a live call still stands for.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +84,22 @@ class Joined:
     call: Call
     participant: Participant
     started: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCalls:
+    """What is live in some rooms: each one's call id, and the record ids of the
+    participants in those calls."""
+
+    calls: dict[int, int]  # room id -> call id (rooms without a call are left out)
+    records: frozenset[int]
+
+
+# Open call records older than this (seconds) may be orphans (see the module
+# docstring), whatever the timeouts: a join runs its script right after
+# storing its rows, so minutes leave room for a slow database, a skewed clock
+# between machines and a process stalled for a while.
+ORPHAN_MIN_AGE = 300.0
 
 
 class CallStore(Protocol):
@@ -143,6 +165,17 @@ class CallStore(Protocol):
 
     async def lost(self) -> list[Lost]:
         """This process's participants that the store lost without a leave."""
+        ...
+
+    @property
+    def orphan_age(self) -> float | None:
+        """Seconds after which an open record that no live call stands for can
+        only be an orphan; None: never checked (one process closes what it left
+        open when it starts again)."""
+        ...
+
+    async def live_calls(self, room_ids: Iterable[int]) -> LiveCalls:
+        """The live calls of these rooms and their participants' record ids."""
         ...
 
 
@@ -229,6 +262,25 @@ class MemoryCallStore:
 
     async def lost(self) -> list[Lost]:
         return []
+
+    @property
+    def orphan_age(self) -> float | None:
+        return None
+
+    async def live_calls(self, room_ids: Iterable[int]) -> LiveCalls:
+        calls = {
+            room: call
+            for room in room_ids
+            if (call := self.book.call_of(room)) is not None
+        }
+        return LiveCalls(
+            {room: call.call_id for room, call in calls.items()},
+            frozenset(
+                p.record_id
+                for call in calls.values()
+                for p in call.participants.values()
+            ),
+        )
 
 
 # -- Redis ---------------------------------------------------------------------
@@ -387,6 +439,17 @@ return out
 """
 )
 
+# ARGV: prefix, then room ids. Returns, per room, {call id or '', its records}.
+_LIVE = r"""
+local out = {}
+for i = 2, #ARGV do
+  local base = ARGV[1] .. 'room:' .. ARGV[i]
+  table.insert(out, {redis.call('HGET', base, 'call_id') or '',
+                     redis.call('HVALS', base .. ':parts')})
+end
+return out
+"""
+
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _KINDS = ("audio", "video", "screen", "hand")
 _UserFields = tuple[int, str, str | None, str | None]
@@ -480,10 +543,19 @@ class RedisCallStore:
             script(_PEEK),
             script(_JOIN),
         )
-        self._snapshot, self._media, self._reap = (
+        self._snapshot, self._media, self._reap, self._live = (
             script(_SNAPSHOT),
             script(_MEDIA),
             script(_REAP),
+            script(_LIVE),
+        )
+        # A join runs its script within connect + command timeout of storing
+        # its rows (or gives up), and presence takes a process stalled for its
+        # expiry for dead: ten times their sum is far beyond any join still in
+        # progress (300 s with the default settings).
+        self.orphan_age = max(
+            ORPHAN_MIN_AGE,
+            10 * (connect_timeout + command_timeout + presence.expiry),
         )
         # This process's participants, for the gauges and to notice those Redis
         # lost (it restarted empty): conn -> (room, call id, participant).
@@ -709,6 +781,20 @@ class RedisCallStore:
         expired; each is returned by exactly one process's call."""
         reaped = await self._run(self._reap, self.presence.alive_key(""))
         return [(int(reply[0]), _left(reply, now)) for reply in reaped]
+
+    async def live_calls(self, room_ids: Iterable[int]) -> LiveCalls:
+        rooms = list(room_ids)
+        if not rooms:
+            return LiveCalls({}, frozenset())
+        replies = await self._run(self._live, *rooms)
+        calls: dict[int, int] = {}
+        records: set[int] = set()
+        for room, (call_id, parts) in zip(rooms, replies, strict=True):
+            if call_id:
+                calls[room] = int(call_id)
+            # The record id is the fourth field (see the key layout above).
+            records.update(int(_text(rec).split("\t", 4)[3]) for rec in parts)
+        return LiveCalls(calls, frozenset(records))
 
 
 def _left(reply: list[Any], now: dt.datetime) -> Left:
