@@ -8,7 +8,7 @@ nothing else (cancellation and interpreter exits pass through).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -58,6 +58,24 @@ def copy(doc: pycrdt.Doc) -> pycrdt.Doc:
 def merge(parts: Iterable[bytes]) -> bytes:
     """One update equal to all of ``parts`` (for compaction)."""
     return build(parts).get_update()
+
+
+def merge_updates(updates: Sequence[bytes]) -> bytes | None:
+    """One update holding every item of ``updates``, without building a document
+    (a byte-level merge in Rust, about a microsecond per small update), for
+    broadcasting a batch as one message. ``None`` when pycrdt fails: the caller
+    sends the updates one by one instead.
+
+    Only for updates already applied to a document: pycrdt does not validate here.
+    """
+    if len(updates) == 1:
+        return updates[0]
+    try:
+        return pycrdt.merge_updates(*updates)
+    except BaseException as exc:
+        if _is_crdt_failure(exc):
+            return None
+        raise
 
 
 KNOWN_ROOTS: dict[str, type[Any]] = {"activities": pycrdt.Array, "meta": pycrdt.Map}

@@ -6,8 +6,9 @@ Its single writer task owns the write path::
     client update → size/permission checks → queue (bounded)
       → writer: apply to the shadow copy (a failure rejects that update only)
       → append the batch to the update log (one transaction: group commit)
-      → apply to the live document and queue the update frame for every live
-        connection, in one step with no await in between
+      → apply to the live document and queue one merged update frame per live
+        connection (a chunk of the batch at a time), in one step with no await in
+        between
 
 Across processes, each live copy subscribes to its document's topic
 (``doc:{room}:{name}``) before loading (updates commute, so anything published
@@ -63,7 +64,8 @@ log = logging.getLogger(__name__)
 
 # An update that changes nothing (no structs, empty delete set) is two zero bytes.
 EMPTY_UPDATE = b"\x00\x00"
-# Updates applied and broadcast between two yields to the event loop.
+# Updates applied and broadcast (merged into one frame) between two yields to the
+# event loop.
 YIELD_EVERY = 32
 
 
@@ -406,39 +408,42 @@ class LiveDocument:
             delay = min(delay * 2, 5.0)
 
     async def _apply_and_broadcast(self, accepted: list[PendingUpdate]) -> None:
-        for count, pending in enumerate(accepted, 1):
-            if count % YIELD_EVERY == 0:
-                # Let the sockets write and read between updates of a big batch.
-                # Safe: each update's apply and broadcast below is one step, so a
+        for start in range(0, len(accepted), YIELD_EVERY):
+            if start:
+                # Let the sockets write and read between chunks of a big batch.
+                # Safe: each chunk's apply and broadcast is one step, so a
                 # handshake in between sees it either in its step 2 or live.
                 await asyncio.sleep(0)
-            try:
-                crdt.apply(self.doc, pending.update)
-            except crdt.UpdateRejected:
-                # The shadow accepted it, so this should not happen; the live copy
-                # may be damaged: reload it from storage on the next connection.
-                log.error(
-                    "document %s/%s: live apply failed after validation",
-                    self.room_id,
-                    self.name,
-                )
-                self._poisoned()
-                return
-            frame = create_update(pending.update)
-            for conn in self.conns.values():
-                if conn.live and conn is not pending.conn:
-                    conn.offer(frame)
-            pending.settle()
-            if self.registry.shared:
-                await self.registry.broker.publish(
-                    self.topic, Envelope(data=pending.update, source=self.instance)
-                )
-            self.stored_bytes += len(pending.update)
-            self.log_rows += 1
-            if pending.user_id is not None:
-                tally = self._edits.setdefault(pending.user_id, [0, 0])
-                tally[0] += 1
-                tally[1] += len(pending.update)
+            chunk = accepted[start : start + YIELD_EVERY]
+            for pending in chunk:
+                try:
+                    crdt.apply(self.doc, pending.update)
+                except crdt.UpdateRejected:
+                    # The shadow accepted it, so this should not happen; the live
+                    # copy may be damaged: reload it from storage on the next
+                    # connection (every client resyncs then; all of it is stored).
+                    log.error(
+                        "document %s/%s: live apply failed after validation",
+                        self.room_id,
+                        self.name,
+                    )
+                    for stored in accepted[start:]:
+                        stored.settle()
+                    self._poisoned()
+                    return
+            self._broadcast(chunk)
+            for pending in chunk:
+                pending.settle()
+                if self.registry.shared:
+                    await self.registry.broker.publish(
+                        self.topic, Envelope(data=pending.update, source=self.instance)
+                    )
+                self.stored_bytes += len(pending.update)
+                self.log_rows += 1
+                if pending.user_id is not None:
+                    tally = self._edits.setdefault(pending.user_id, [0, 0])
+                    tally[0] += 1
+                    tally[1] += len(pending.update)
         self.registry.metrics.doc_updates.inc(len(accepted))
         if self.name == "agreement" and self._projection_due is None:
             self._projection_due = max(
@@ -447,6 +452,40 @@ class LiveDocument:
             )
         if self.compaction_due():
             self.registry.request_compaction(self)
+
+    def _broadcast(self, chunk: list[PendingUpdate]) -> None:
+        """Queue a chunk of applied updates for every live connection as one merged
+        update: one frame per connection, not one per update (y-websocket has one
+        message per frame; Yjs updates merge into one). A connection that sent some
+        of them gets the merge of the others only, so nobody hears its own edits
+        back (applying them again would be a no-op, but costs the client)."""
+        updates = [p.update for p in chunk]
+        merged = crdt.merge_updates(updates)
+        if merged is None:
+            # pycrdt could not merge (it should, they were all applied): send them
+            # one by one, which every client can take.
+            for pending in chunk:
+                frame = create_update(pending.update)
+                for conn in self.conns.values():
+                    if conn.live and conn is not pending.conn:
+                        conn.offer(frame)
+            return
+        senders = {p.conn for p in chunk if p.conn is not None}
+        frame = create_update(merged)
+        for conn in self.conns.values():
+            if conn.live and conn not in senders:
+                conn.offer(frame)
+        for sender in senders:
+            if not sender.live or self.conns.get(sender.conn_id) is not sender:
+                continue
+            others = [p.update for p in chunk if p.conn is not sender]
+            if others:
+                own = crdt.merge_updates(others)
+                if own is None:
+                    for update in others:
+                        sender.offer(create_update(update))
+                else:
+                    sender.offer(create_update(own))
 
     # -- other processes ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pycrdt
 import pytest
 
 from tests.support import ServerProcess, World
-from tests.yclient import add_activity, yclient
+from tests.yclient import YClient, add_activity, yclient
 
 pytestmark = pytest.mark.anyio
 
@@ -99,6 +99,41 @@ async def test_handshake_race_edits_arrive_exactly_once(
                 assert sorted(b.doc.get("log", type=pycrdt.Array).to_py()) == list(
                     range(total)
                 )
+
+
+async def test_concurrent_edits_reach_the_others_but_not_their_sender(
+    server: ServerProcess, world: World
+) -> None:
+    """Bursts from two writers (broadcast merged, a batch per frame) reach the other
+    writer and a reader completely, and no writer hears its own edits back."""
+    ana, lars = world.members[:2]
+    token_a = await ana.token(world.room_id)
+    token_b = await lars.token(world.room_id)
+    async with (
+        yclient(server, world.room_id, "burst", token_a) as a,
+        yclient(server, world.room_id, "burst", token_b) as b,
+        yclient(server, world.room_id, "burst", token_b) as reader,
+    ):
+
+        async def burst(client: YClient, tag: str) -> None:
+            for n in range(100):
+                await client.edit(
+                    lambda d, n=n: d.get("log", type=pycrdt.Array).append(f"{tag}{n}")
+                )
+
+        await asyncio.gather(burst(a, "from-a-"), burst(b, "from-b-"))
+        for client in (a, b, reader):
+            await client.wait_for(
+                lambda c=client: len(c.doc.get("log", type=pycrdt.Array)) == 200
+            )
+        # Yjs keeps strings as UTF-8 in updates: a writer's own tag never comes back.
+        assert not any(b"from-a-" in u for u in a.updates_received)
+        assert not any(b"from-b-" in u for u in b.updates_received)
+        assert len(reader.updates_received) <= 200
+        assert (
+            a.doc.get("log", type=pycrdt.Array).to_py()
+            == reader.doc.get("log", type=pycrdt.Array).to_py()
+        )
 
 
 async def test_awareness_is_relayed_echoed_and_removed_on_disconnect(

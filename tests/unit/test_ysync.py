@@ -174,3 +174,27 @@ def test_restore_makes_a_document_read_like_its_version() -> None:
     crdt.apply(live, crdt.restore_update(live, version))
     assert crdt.content(live)["activities"] == [{"id": "a", "title": "first"}]
     assert crdt.content(live)["notes"] == "kept"
+
+
+def test_merged_updates_apply_like_each_one() -> None:
+    """A merge of interleaved updates from several clients (some depending on
+    others) gives the same document as applying them one by one, and a merge of
+    one update is that update."""
+    writers = [pycrdt.Doc() for _ in range(3)]
+    updates: list[bytes] = []
+    for n in range(30):
+        doc = writers[n % 3]
+        for update in updates:  # each writer has seen everything so far
+            doc.apply_update(update)
+        before = doc.get_state()
+        doc.get("items", type=pycrdt.Array).append(f"item-{n}")
+        updates.append(doc.get_update(before))
+    one_by_one = crdt.build(updates)
+    merged = crdt.merge_updates(updates)
+    assert merged is not None
+    assert crdt.merge_updates(updates[:1]) == updates[0]
+    together = crdt.build([merged])
+    assert pycrdt.get_update(together.get_update(), one_by_one.get_state()) == b"\0\0"
+    assert pycrdt.get_update(one_by_one.get_update(), together.get_state()) == b"\0\0"
+    items = together.get("items", type=pycrdt.Array)
+    assert sorted(items.to_py()) == sorted(f"item-{n}" for n in range(30))
