@@ -135,11 +135,6 @@ def activities(doc: pycrdt.Doc) -> list[dict[str, Any]]:
     return [a for a in items if isinstance(a, dict)]
 
 
-def activities_of(state: bytes) -> list[dict[str, Any]]:
-    """The activities in a document state (builds its own copy; any thread)."""
-    return activities(build([state]))
-
-
 def _fill(target: Any, value: Any) -> None:
     if isinstance(target, pycrdt.Text):
         del target[:]

@@ -46,6 +46,7 @@ from rooms.hub import room_topic
 from rooms.limits import TokenBucket
 from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
+from rooms.projection import ProjectionFailed, Projector
 from rooms.resync import Resync
 from rooms.ysync import (
     AwarenessEntry,
@@ -227,9 +228,12 @@ class LiveDocument:
         ] = {}  # user -> [updates, bytes] since last event
         self._edits_flushed = time.monotonic()
         self._projection_due: float | None = None
-        # Rows as last written, so a projection writes only what changed; and the
-        # earliest time of the next one (large lists are read less often).
-        self.projected: dict[str, dict[str, Any]] | None = None
+        # The updates applied since the last projection (agreement documents only):
+        # the projector's copy takes just those, never the whole state again.
+        self._projection_feed: list[bytes] | None = (
+            list(parts) if name == "agreement" else None
+        )
+        # The earliest time of the next projection (large lists are read less often).
         self.projection_not_before = 0.0
         self.instance = uuid.uuid4().hex  # skips its own envelopes
         self.topic = doc_topic(room_id, name)
@@ -446,7 +450,12 @@ class LiveDocument:
                         stored.settle()
                     self._poisoned()
                     return
-            self._broadcast(chunk)
+            merged = self._broadcast(chunk)
+            if self._projection_feed is not None:
+                if merged is None:
+                    self._projection_feed.extend(p.update for p in chunk)
+                else:
+                    self._projection_feed.append(merged)
             for pending in chunk:
                 pending.settle()
                 if self.registry.shared:
@@ -468,12 +477,15 @@ class LiveDocument:
         if self.compaction_due():
             self.registry.request_compaction(self)
 
-    def _broadcast(self, chunk: list[PendingUpdate]) -> None:
+    def _broadcast(self, chunk: list[PendingUpdate]) -> bytes | None:
         """Queue a chunk of applied updates for every live connection as one merged
         update: one frame per connection, not one per update (y-websocket has one
         message per frame; Yjs updates merge into one). A connection that sent some
         of them gets the merge of the others only, so nobody hears its own edits
-        back (applying them again would be a no-op, but costs the client)."""
+        back (applying them again would be a no-op, but costs the client).
+
+        Returns the merged update, or None if pycrdt could not merge (then each
+        update went out in its own frame)."""
         updates = [p.update for p in chunk]
         merged = crdt.merge_updates(updates)
         if merged is None:
@@ -484,7 +496,7 @@ class LiveDocument:
                 for conn in self.conns.values():
                     if conn.live and conn is not pending.conn:
                         conn.offer(frame)
-            return
+            return None
         senders = {p.conn for p in chunk if p.conn is not None}
         frame = create_update(merged)
         for conn in self.conns.values():
@@ -501,6 +513,7 @@ class LiveDocument:
                         sender.offer(create_update(update))
                 else:
                     sender.offer(create_update(own))
+        return merged
 
     # -- other processes ------------------------------------------------------------
 
@@ -529,6 +542,7 @@ class LiveDocument:
             if conn.live:
                 conn.offer(frame)
         self.stored_bytes += len(envelope.data)
+        self._feed_projection(envelope.data)
 
     def request_resync(self) -> None:
         """Updates may have been missed: catch up from storage (coalesced)."""
@@ -546,6 +560,7 @@ class LiveDocument:
             return
         crdt.apply(self.doc, diff)
         crdt.apply(self.shadow, diff)
+        self._feed_projection(diff)
         frame = create_update(diff)
         for conn in self.conns.values():
             if conn.live:
@@ -660,12 +675,23 @@ class LiveDocument:
     def projection_due(self, now: float) -> bool:
         return self._projection_due is not None and now >= self._projection_due
 
-    def take_projection(self) -> bytes:
-        """The live state to project from. Reading it happens elsewhere, on a copy:
-        a long list takes a while to read, and the live copy's roots are never typed
-        by the server (a client's schema mistake must not touch it)."""
+    def take_projection(self) -> list[bytes]:
+        """The updates applied since the last projection, for the projector's copy
+        (the live copy's roots are never typed by the server: a client's schema
+        mistake must not touch it)."""
         self._projection_due = None
-        return self.doc.get_update()
+        feed, self._projection_feed = self._projection_feed or [], []
+        return feed
+
+    def restart_projection(self) -> None:
+        """The projector lost its copy: the next projection starts from the whole
+        state (the updates queued meanwhile are in it)."""
+        self._projection_feed = [self.doc.get_update()]
+        self._projection_due = time.monotonic() + self.limits.projection_delay
+
+    def _feed_projection(self, update: bytes) -> None:
+        if self._projection_feed is not None:
+            self._projection_feed.append(update)
 
     def stop(self) -> None:
         self._stopping = True
@@ -700,6 +726,8 @@ class DocumentRegistry:
         self._compactions: set[int] = set()
         self._user_conns: dict[int, int] = {}
         self._janitor: asyncio.Task[None] | None = None
+        self.projector = Projector()
+        self._projecting = asyncio.Lock()  # one projection at a time, written in order
         self.resynced = 0  # documents that caught up from storage after a resync
         # Other processes may hold the same documents: publish updates and awareness
         # (the in-process broker has no one else to tell).
@@ -723,6 +751,7 @@ class DocumentRegistry:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for stack in self._room_subscriptions.values():
             await stack.aclose()
+        self.projector.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -882,6 +911,8 @@ class DocumentRegistry:
         if doc.subscription is not None:
             self._spawn(doc.subscription.aclose())
             doc.subscription = None
+        if doc.name == "agreement":
+            self._spawn(self.projector.drop(doc.instance))
 
     def request_compaction(self, doc: LiveDocument) -> None:
         if doc.document_id in self._compactions:
@@ -906,20 +937,29 @@ class DocumentRegistry:
             self._compactions.discard(doc.document_id)
 
     async def _project(self, doc: LiveDocument) -> None:
-        started = time.monotonic()
-        try:
-            state = doc.take_projection()
-            # A worker thread builds its own copy and reads it (pycrdt documents
-            # stay in the thread that made them): the event loop keeps serving.
-            items = await anyio.to_thread.run_sync(crdt.activities_of, state)
-            rows = store.activity_rows(doc.room_id, items)
-            await store.sync_activities(self.db, doc.room_id, rows, doc.projected)
-            doc.projected = rows
-        except Exception:
-            log.exception("projecting activities of room %s failed", doc.room_id)
-            doc.projected = None  # write everything next time
-        # Reading a long list costs time: keep projections under ~5% of the time.
-        doc.projection_not_before = time.monotonic() + 20 * (time.monotonic() - started)
+        async with self._projecting:
+            started = time.monotonic()
+            updates = doc.take_projection()
+            try:
+                changes = await self.projector.changes(
+                    doc.instance, doc.room_id, updates
+                )
+            except ProjectionFailed as exc:
+                log.error(
+                    "projecting activities of room %s failed: %s", doc.room_id, exc
+                )
+                if exc.copy_lost:
+                    doc.restart_projection()
+            else:
+                try:
+                    await store.write_activity_changes(self.db, doc.room_id, changes)
+                except Exception:
+                    log.exception("writing activities of room %s failed", doc.room_id)
+                    await self.projector.forget_rows(doc.instance)  # all next time
+            # Reading a long list costs time: keep projections under ~5% of the time.
+            doc.projection_not_before = time.monotonic() + 20 * (
+                time.monotonic() - started
+            )
 
     async def _housekeeping(self) -> None:
         """Projections, edit events and idle unloads, a few times a second."""
@@ -954,6 +994,8 @@ class DocumentRegistry:
                 if doc.log_rows:
                     await self._compact(doc)
             finally:
+                if doc.name == "agreement":
+                    await self.projector.drop(doc.instance)
                 if self._docs.get((doc.room_id, doc.name)) is doc:
                     del self._docs[(doc.room_id, doc.name)]
                     self.metrics.documents.dec()

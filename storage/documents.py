@@ -249,56 +249,82 @@ def _date(value: Any) -> dt.date | None:
         return None
 
 
+def activity_id(activity: dict[str, Any]) -> str:
+    """The id a row of this activity has ("" when it has none usable)."""
+    return str(activity.get("id") or "")[:64]
+
+
+def activity_row(room_id: int, position: int, a: dict[str, Any]) -> dict[str, Any]:
+    """The row of one activity (with a usable id) at ``position`` in the list."""
+    owner = _id(a.get("owner"))
+    return {
+        "room_id": room_id,
+        "activity_id": activity_id(a),
+        "position": position,
+        "title": str(a.get("title") or ""),
+        "description": str(a.get("description") or ""),
+        "status": str(a.get("status") or "planned")[:16],
+        "owner_id": owner if isinstance(owner, int) else None,
+        "people": _ids(a.get("people")),
+        "institutions": _ids(a.get("institutions")),
+        "starts_on": _date(a.get("starts_on")),
+        "ends_on": _date(a.get("ends_on")),
+        "outcomes": str(a.get("outcomes") or ""),
+    }
+
+
 def activity_rows(
     room_id: int, activities: Sequence[dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """The rows for a document's activity list, by activity id, in list order."""
     rows: dict[str, dict[str, Any]] = {}
     for position, a in enumerate(activities):
-        activity_id = str(a.get("id") or "")[:64]
-        if not activity_id or activity_id in rows:
+        key = activity_id(a)
+        if not key or key in rows:
             continue  # an entry without a usable id cannot be addressed; skip it
-        owner = _id(a.get("owner"))
-        rows[activity_id] = {
-            "room_id": room_id,
-            "activity_id": activity_id,
-            "position": position,
-            "title": str(a.get("title") or ""),
-            "description": str(a.get("description") or ""),
-            "status": str(a.get("status") or "planned")[:16],
-            "owner_id": owner if isinstance(owner, int) else None,
-            "people": _ids(a.get("people")),
-            "institutions": _ids(a.get("institutions")),
-            "starts_on": _date(a.get("starts_on")),
-            "ends_on": _date(a.get("ends_on")),
-            "outcomes": str(a.get("outcomes") or ""),
-        }
+        rows[key] = activity_row(room_id, position, a)
     return rows
 
 
-async def sync_activities(
-    db: Database,
-    room_id: int,
-    rows: dict[str, dict[str, Any]],
-    previous: dict[str, dict[str, Any]] | None,
-) -> None:
-    """Make the room's activity rows equal ``rows``, writing only what changed since
-    ``previous`` (everything when it is None). One transaction."""
-    now = utcnow()
+@dataclass(frozen=True, slots=True)
+class ActivityChanges:
+    """What to write so a room's activity rows equal a new projection."""
+
+    gone: list[str]  # activity ids no longer in the list
+    changed: list[dict[str, Any]]  # new or different rows
+    replace: bool = False  # the rows as last written are unknown: rewrite them all
+
+    def __bool__(self) -> bool:
+        return self.replace or bool(self.gone or self.changed)
+
+
+def activity_changes(
+    rows: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]] | None
+) -> ActivityChanges:
+    """The difference between ``rows`` and the rows as last written (``None``:
+    unknown, so everything is written)."""
     if previous is None:
-        gone: list[str] = []
-        changed = list(rows.values())
-    else:
-        gone = [i for i in previous if i not in rows]
-        changed = [r for i, r in rows.items() if previous.get(i) != r]
-    if previous is not None and not gone and not changed:
+        return ActivityChanges([], list(rows.values()), replace=True)
+    return ActivityChanges(
+        [i for i in previous if i not in rows],
+        [r for i, r in rows.items() if previous.get(i) != r],
+    )
+
+
+async def write_activity_changes(
+    db: Database, room_id: int, changes: ActivityChanges
+) -> None:
+    """Apply ``changes`` to the room's activity rows in one transaction."""
+    if not changes:
         return
+    now = utcnow()
+    changed = changes.changed
 
     def write(conn: Connection) -> None:
-        if previous is None:
+        if changes.replace:
             conn.execute(delete(ActivityRow).where(ActivityRow.room_id == room_id))
         else:
-            dropped = gone + [r["activity_id"] for r in changed]
+            dropped = changes.gone + [r["activity_id"] for r in changed]
             for start in range(0, len(dropped), 500):
                 conn.execute(
                     delete(ActivityRow).where(
