@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable
 from functools import partial
 
-import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rooms.access import Access
@@ -29,7 +28,7 @@ from rooms.errors import BadMessage, RateLimited, RoomError, RoomNotFound, TryAg
 from rooms.limits import TokenBucket
 from rooms.outbox import Outbox
 from rooms.sending import QueuedSender, direct_writer
-from rooms.socket import RAW_SEND, frame_sender, serve_socket
+from rooms.socket import RAW_SEND, Stopper, frame_sender, serve_socket
 from rooms.ysync import (
     Auth,
     AwarenessUpdate,
@@ -70,7 +69,7 @@ class DocSession:
 
     # Slots: one of these lives as long as each open socket.
     __slots__ = (
-        "_scope",
+        "_stopper",
         "access",
         "bucket",
         "conn",
@@ -97,13 +96,13 @@ class DocSession:
         self.limits: DocumentLimits = registry.limits
         self.access = access
         self.name = name
-        self._scope = anyio.CancelScope()
+        self._stopper = Stopper()
         self.conn = DocConnection(
             conn_id=conn_id,
             user_id=access.user.id,
             can_write=access.room.role != MemberRole.OBSERVER,
             outbox=Outbox(self.limits.send_queue_frames),
-            on_failure=self._scope.cancel,
+            on_failure=self._stopper.stop,
             limits=self.limits,
         )
         self.bucket = TokenBucket(
@@ -131,9 +130,8 @@ class DocSession:
             try:
                 for frame in opening:
                     conn.offer(frame)
-                with self._scope:
-                    async with self.sender:
-                        await self._pump_inbox(doc)
+                async with self._stopper, self.sender:
+                    await self._pump_inbox(doc)
             except RoomError as error:
                 failure = error
             finally:
@@ -149,7 +147,7 @@ class DocSession:
         if not isinstance(error, WebSocketDisconnect):
             log.error("sending failed", exc_info=error)
             self.conn.fail(RoomError())
-        self._scope.cancel()
+        self._stopper.stop()
 
     def _take_frames(self) -> list[bytes]:
         # One y-websocket message per frame (the protocol has no batches).

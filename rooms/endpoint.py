@@ -63,7 +63,14 @@ from rooms.metrics import Metrics
 from rooms.outbox import Outbox
 from rooms.presence import Change, PresenceStore, PresenceUser
 from rooms.sending import QueuedSender, direct_writer
-from rooms.socket import RAW_SEND, frame_sender, parse_int, query, serve_socket
+from rooms.socket import (
+    RAW_SEND,
+    Stopper,
+    frame_sender,
+    parse_int,
+    query,
+    serve_socket,
+)
 from storage.chat import edits_between, mark_read, messages_between, room_counters
 from storage.models import MemberRole, UserRole
 
@@ -124,8 +131,8 @@ class Connection:
     # Slots: one of these lives as long as each open socket.
     __slots__ = (
         "_frames_sent",
-        "_scope",
         "_send",
+        "_stopper",
         "access",
         "bucket",
         "candidate_bucket",
@@ -164,12 +171,12 @@ class Connection:
         self.echo_running = False
         self.strikes: dict[int, int] | None = None  # refusals in a row, per bucket
         self.typing_deadline: float | None = None
-        self._scope = anyio.CancelScope()
+        self._stopper = Stopper()
         self.member = Member(
             conn_id,
             self.user,
             outbox=Outbox(self.limits.send_queue_frames),
-            on_failure=self._scope.cancel,
+            on_failure=self._stopper.stop,
         )
         self._send = frame_sender(websocket)
         self._frames_sent = services.metrics.frames_sent
@@ -195,17 +202,17 @@ class Connection:
             raise RateLimited("too many connections for this user")
         async with hub.join(self.room_id, self.member) as room:
             failure: RoomError | None = None
-            with self._scope:
-                try:
+            try:
+                async with self._stopper:
                     await self._enter(room, after, edits_after)
                     # The sender starts with what arrived during the welcome.
                     async with self.sender:
                         await self._pump_inbox(room)
-                except RoomError as error:
-                    failure = error
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await self._leave()
+            except RoomError as error:
+                failure = error
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._leave()
             failure = self.member.failure or failure
             if failure is None:
                 return
@@ -352,7 +359,7 @@ class Connection:
         if not isinstance(error, WebSocketDisconnect):
             log.error("sending failed", exc_info=error)
             self.member.fail(RoomError())
-        self._scope.cancel()
+        self._stopper.stop()
 
     def _take_messages(self) -> list[str]:
         """Everything queued, as WebSocket messages (batched when there are several)."""

@@ -7,10 +7,12 @@ details (the log has the traceback and the connection id).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -122,6 +124,55 @@ def parse_int(value: str | None) -> int | None:
     if number < 0:
         raise BadMessage("bad query parameter")
     return number
+
+
+class Stopper:
+    """``async with stopper:`` a block that ``stop()`` (from any callback: a failed
+    send, a full outbox) ends early, as if it had returned; like
+    ``anyio.CancelScope().cancel()``, at a third of its memory (one per socket).
+
+    Built on ``asyncio.timeout``, whose expiry is exactly "cancel this task's block
+    and swallow that cancellation, but not anyone else's". ``stop()`` before the
+    block ends it as soon as it starts; after the block it does nothing.
+    """
+
+    __slots__ = ("_stopped", "_timeout")
+
+    def __init__(self) -> None:
+        self._stopped = False
+        self._timeout: asyncio.Timeout | None = None
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def __aenter__(self) -> Stopper:
+        timeout = asyncio.timeout(None)
+        await timeout.__aenter__()
+        self._timeout = timeout
+        if self._stopped:
+            timeout.reschedule(asyncio.get_running_loop().time())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        timeout, self._timeout = self._timeout, None
+        self._stopped = True  # from now on stop() has nothing to end
+        assert timeout is not None
+        try:
+            await timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if timeout.expired():
+                return True  # stopped: the block just ends
+            raise
+        return False
 
 
 def forget_handshake(websocket: WebSocket) -> None:
