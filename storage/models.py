@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -377,14 +378,23 @@ class CallSession(Base):
     """One call in a room, from its first participant joining to its last leaving."""
 
     __tablename__ = "call_sessions"
-    __table_args__ = (Index("ix_call_sessions_room_started", "room_id", "started_at"),)
+    __table_args__ = (
+        Index("ix_call_sessions_room_started", "room_id", "started_at"),
+        # Live calls only: what the sweeps for records left open look through.
+        Index(
+            "ix_call_sessions_open",
+            "room_id",
+            postgresql_where=text("ended_at IS NULL"),
+            sqlite_where=text("ended_at IS NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
     started_by: Mapped[int | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL")
     )
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # NULL while the call is live (or when its process died: closed at next start).
+    # NULL while the call is live (a dead process's are closed by the sweeps).
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -392,6 +402,15 @@ class CallParticipant(Base):
     """One connection's stay in a call: who, from when to when, which media it used."""
 
     __tablename__ = "call_participants"
+    __table_args__ = (
+        # Open stays only: what the sweeps for records left open look through.
+        Index(
+            "ix_call_participants_open",
+            "call_id",
+            postgresql_where=text("left_at IS NULL"),
+            sqlite_where=text("left_at IS NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_id: Mapped[int] = mapped_column(
         ForeignKey("call_sessions.id", ondelete="CASCADE"), index=True
