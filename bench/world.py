@@ -92,12 +92,16 @@ class Relay:
 
 
 class Server:
-    """``python server.py serve --no-demo`` with a fresh data dir (SQLite default)."""
+    """``python server.py serve --no-demo`` with a fresh data dir (SQLite default).
 
-    def __init__(self, settings: dict[str, str]) -> None:
+    ``create_admin=False`` skips making the admin account: for a second process
+    on a database (``database_url`` setting) another ``Server`` already set up."""
+
+    def __init__(self, settings: dict[str, str], create_admin: bool = True) -> None:
         self.port = free_port()
         self.data_dir = Path(tempfile.mkdtemp(prefix="coilroom-bench-"))
         self.settings = settings
+        self.create_admin = create_admin
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,14 +115,15 @@ class Server:
         return env
 
     def __enter__(self) -> Server:
-        subprocess.run(
-            [sys.executable, "server.py", "create-admin", "--email", ADMIN_EMAIL],
-            cwd=ROOT,
-            env=self.env() | {"COILROOM_ADMIN_PASSWORD": ADMIN_PASSWORD},
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        if self.create_admin:
+            subprocess.run(
+                [sys.executable, "server.py", "create-admin", "--email", ADMIN_EMAIL],
+                cwd=ROOT,
+                env=self.env() | {"COILROOM_ADMIN_PASSWORD": ADMIN_PASSWORD},
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         with (self.data_dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [
