@@ -95,9 +95,12 @@ def make_receiver(stats: Stats) -> Any:
     return on_text
 
 
-async def connect_all(urls: list[str], stats: Stats, welcome: bool) -> list[LeanSocket]:
-    """Open every URL (bounded concurrency); wait for each ``welcome`` if asked."""
-    on_text = make_receiver(stats)
+async def connect_all(
+    urls: list[str], stats: Stats, welcome: bool, on_text: Any = None
+) -> list[LeanSocket]:
+    """Open every URL (bounded concurrency); wait for each ``welcome`` if asked.
+    ``on_text`` replaces the default receiver (``make_receiver(stats)``)."""
+    on_text = on_text or make_receiver(stats)
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def one(url: str) -> LeanSocket:
