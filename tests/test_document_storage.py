@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pycrdt
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage.models import Document, DocumentSnapshot, DocumentUpdate
@@ -163,6 +163,60 @@ async def test_compaction_folds_the_log_into_a_snapshot(
             own, world.room_id, "compact", await ana.token(world.room_id)
         ) as b:
             assert str(b.doc.get("t", type=pycrdt.Text)) == text
+
+
+async def test_edits_after_a_compaction_survive_a_restart(own: ServerProcess) -> None:
+    """Edits stored after the whole log was folded reload after a restart (on SQLite
+    a deleted highest row id is handed out again: folded rows must not take it)."""
+    async with World.create(own, members=1) as world:
+        ana = world.members[0]
+        token = await ana.token(world.room_id)
+        async with yclient(own, world.room_id, "refold", token) as a:
+            for i in range(200):
+                await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
+            engine = create_async_engine(own.database_url)
+            try:
+                async with asyncio.timeout(10):
+                    while True:
+                        async with engine.connect() as conn:
+                            doc_id = (
+                                await conn.execute(
+                                    select(Document.id).where(
+                                        Document.room_id == world.room_id,
+                                        Document.name == "refold",
+                                    )
+                                )
+                            ).scalar_one()
+                            upto = (
+                                await conn.execute(
+                                    select(DocumentSnapshot.upto_update_id).where(
+                                        DocumentSnapshot.document_id == doc_id
+                                    )
+                                )
+                            ).scalar_one_or_none()
+                            newest = (
+                                await conn.execute(
+                                    select(func.max(DocumentUpdate.id)).where(
+                                        DocumentUpdate.document_id == doc_id
+                                    )
+                                )
+                            ).scalar_one()
+                        if upto is not None and (newest is None or newest <= upto):
+                            break  # everything stored is folded
+                        await asyncio.sleep(0.05)
+            finally:
+                await engine.dispose()
+            for i in range(200, 205):
+                await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
+            async with yclient(own, world.room_id, "refold", token) as b:
+                await b.wait_for(
+                    lambda: len(b.doc.get("log", type=pycrdt.Array)) == 205
+                )
+        own.stop()
+        own.start()
+        token = await ana.token(world.room_id)
+        async with yclient(own, world.room_id, "refold", token) as c:
+            assert c.doc.get("log", type=pycrdt.Array).to_py() == list(range(205))
 
 
 async def test_corrupt_storage_refuses_instead_of_serving_empty(
