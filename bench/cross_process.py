@@ -784,6 +784,40 @@ def latency_table(kind: str, runs: dict[str, RunResult]) -> str:
         row("load generator CPU, cores", "loadgen_cpu_cores"),
         row("other processes, cores", "other_processes_cores"),
     ]
+
+    def faults(r: RunResult | None) -> str:
+        return f"{r.errors} / {r.lost_connections} / {r.unsent}" if r else ""
+
+    lines.append(
+        f"| error frames / lost sockets / unsent | {faults(two)} | | {faults(one)} "
+        f"| | {faults(lite)} |"
+    )
+    if kind == "chat":
+
+        def per_commit(r: RunResult | None) -> str:
+            if r is None:
+                return ""
+            msgs = sum(m["messages"] for m in r.server_metrics)
+            commits = sum(m["transactions"] for m in r.server_metrics)
+            return f"{msgs / max(commits, 1):.1f}"
+
+        lines.append(
+            f"| messages per commit (server's metrics) | {per_commit(two)} | "
+            f"| {per_commit(one)} | | {per_commit(lite)} |"
+        )
+    else:
+
+        def converged(r: RunResult | None) -> str:
+            if r is None:
+                return ""
+            c = r.convergence
+            seen = "/".join(str(n) for n in c.get("activities_per_process", []))
+            return f"{'yes' if c.get('converged') else 'NO'} ({seen} of {c.get('updates_sent')})"
+
+        lines.append(
+            f"| converged: a fresh client per process | {converged(two)} | "
+            f"| {converged(one)} | | {converged(lite)} |"
+        )
     return "\n".join(lines)
 
 
