@@ -550,7 +550,7 @@ class LiveDocument:
 
     async def catch_up(self) -> None:
         """State-vector exchange with storage: apply and broadcast what is missing."""
-        stored = await store.load_document(self.registry.sessions, self.document_id)
+        stored = await store.load_document(self.registry.db, self.document_id)
         parts = ([stored.snapshot] if stored.snapshot else []) + stored.updates
         if not parts:
             return
@@ -860,7 +860,7 @@ class DocumentRegistry:
                 name,
                 max_per_room=self.limits.max_documents_per_room,
             )
-            stored = await store.load_document(self.sessions, doc_id)
+            stored = await store.load_document(self.db, doc_id)
         except store.TooManyDocuments:
             raise Forbidden(
                 f"this room has its {self.limits.max_documents_per_room} documents already"
@@ -923,9 +923,12 @@ class DocumentRegistry:
     async def _compact(self, doc: LiveDocument) -> None:
         try:
             started_at = doc.stored_bytes
-            folded, snapshot_bytes = await store.compact_document(
-                self.sessions, doc.document_id, crdt.merge
+            compacted = await store.compact_document(
+                self.db, doc.document_id, crdt.merge
             )
+            if compacted is None:
+                return  # nothing to fold, or another process folded it
+            folded, snapshot_bytes = compacted
             doc.log_rows = max(0, doc.log_rows - folded)
             # The snapshot replaces the folded log; what arrived meanwhile stays counted.
             doc.stored_bytes = snapshot_bytes + (doc.stored_bytes - started_at)

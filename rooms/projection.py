@@ -38,7 +38,7 @@ _json = msgspec.json.Decoder()
 # Past this many edited activities, one read of the whole list is cheaper than
 # reading each (every read by index walks the list from its start).
 MAX_EDITED_READS = 200
-YIELD_EVERY = 64  # activities read between two releases of the GIL
+YIELD_EVERY = 32  # activities read between two releases of the GIL
 
 
 class ProjectionFailed(Exception):
@@ -203,12 +203,39 @@ def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
         key = store.activity_id(activity)
         if key and key not in rows:
             rows[key] = store.activity_row(room_id, position, activity)
-    changes = store.activity_changes(rows, copy.rows)
+    changes = _diff(rows, copy.rows)
     copy.rows = rows
     copy.length = len(items)
     # Incremental reads assume index == position: every entry is an activity map.
     copy.reread = len(activities) != len(items)
-    copy.ids = [] if copy.reread else [store.activity_id(a) for a in activities]
+    copy.ids = [] if copy.reread else _ids(activities)
+    return changes
+
+
+def _ids(activities: list[dict[str, Any]]) -> list[str]:
+    ids = []
+    for count, activity in enumerate(activities):
+        _pause(count)
+        ids.append(store.activity_id(activity))
+    return ids
+
+
+def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
+    """``store.activity_changes``, pausing now and then (a long list)."""
+    if previous is None:
+        return store.activity_changes(rows, None)
+    changes = store.ActivityChanges([], [])
+    for count, key in enumerate(previous):
+        _pause(count)
+        if key not in rows:
+            changes.gone.append(key)
+    for count, (key, row) in enumerate(rows.items()):
+        _pause(count)
+        how = store.row_change(row, previous.get(key))
+        if how == "moved":
+            changes.moved.append((key, row["position"]))
+        elif how == "changed":
+            changes.changed.append(row)
     return changes
 
 

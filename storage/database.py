@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,13 +37,19 @@ class Database:
     SQLite that happens in a worker thread over the standard ``sqlite3`` driver: one
     thread hop per transaction, where the async driver hops to its thread for every
     cursor call (a dozen or more per transaction, each a GIL hand-off). The hot write
-    paths (chat messages, document updates) use it.
+    paths (chat messages, document updates, the activity projection) use it.
+
+    On SQLite these transactions take turns on an in-process lock: SQLite has one
+    writer at a time anyway, and a writer that finds the database locked waits in
+    SQLite's busy handler, which sleeps in steps of up to 100 ms; on the lock it
+    goes the moment the other commits.
     """
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     sync_engine: Engine | None = None
     limiter: anyio.CapacityLimiter | None = None
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def dialect(self) -> str:
@@ -57,9 +64,24 @@ class Database:
         async with self.engine.begin() as conn:
             return await conn.run_sync(work)
 
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run read-only ``work(connection)`` in one go, off the event loop: rows
+        are turned into Python objects in the worker thread, not in the loop."""
+        if self.sync_engine is not None:
+            return await anyio.to_thread.run_sync(
+                self._read_sync, work, limiter=self.limiter
+            )
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(work)
+
+    def _read_sync(self, work: Callable[[Connection], T]) -> T:
+        assert self.sync_engine is not None
+        with self.sync_engine.connect() as conn:
+            return work(conn)
+
     def _transact_sync(self, work: Callable[[Connection], T]) -> T:
         assert self.sync_engine is not None
-        with self.sync_engine.begin() as conn:
+        with self.write_lock, self.sync_engine.begin() as conn:
             return work(conn)
 
     async def ping(self) -> None:

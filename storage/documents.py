@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import anyio.to_thread
-from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -93,33 +93,33 @@ async def document_id(
             )
 
 
-async def _snapshot_and_log(
-    session: AsyncSession, doc_id: int, *, for_update: bool = False
-) -> tuple[DocumentSnapshot | None, list[Any]]:
-    """The snapshot (if any) and the logged updates after it, in log order."""
-    snap = await session.get(DocumentSnapshot, doc_id, with_for_update=for_update)
-    upto = snap.upto_update_id if snap else 0
-    rows = (
-        await session.execute(
-            select(DocumentUpdate.id, DocumentUpdate.data)
-            .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
-            .order_by(DocumentUpdate.id)
+def _read_stored(conn: Connection, doc_id: int) -> tuple[StoredDocument, int]:
+    """The snapshot and the logged updates after it, in log order; and the update
+    id the snapshot goes up to (0: no snapshot)."""
+    snap = conn.execute(
+        select(DocumentSnapshot.state, DocumentSnapshot.upto_update_id).where(
+            DocumentSnapshot.document_id == doc_id
         )
-    ).all()
-    return snap, list(rows)
-
-
-async def load_document(sessions: Sessions, doc_id: int) -> StoredDocument:
-    """Read the snapshot and every update after it, in log order."""
-    async with sessions() as session:
-        snap, rows = await _snapshot_and_log(session, doc_id)
+    ).first()
     upto = snap.upto_update_id if snap else 0
-    return StoredDocument(
+    rows = conn.execute(
+        select(DocumentUpdate.id, DocumentUpdate.data)
+        .where(DocumentUpdate.document_id == doc_id, DocumentUpdate.id > upto)
+        .order_by(DocumentUpdate.id)
+    ).all()
+    stored = StoredDocument(
         document_id=doc_id,
-        snapshot=snap.state if snap else None,
+        snapshot=bytes(snap.state) if snap else None,
         updates=[bytes(r.data) for r in rows],
         last_update_id=rows[-1].id if rows else upto,
     )
+    return stored, upto
+
+
+async def load_document(db: Database, doc_id: int) -> StoredDocument:
+    """Read the snapshot and every update after it, in log order (off the loop)."""
+    stored, _ = await db.read(lambda conn: _read_stored(conn, doc_id))
+    return stored
 
 
 _INSERT_UPDATES = insert(DocumentUpdate)
@@ -138,40 +138,65 @@ async def append_updates(
 
 
 async def compact_document(
-    sessions: Sessions, doc_id: int, merge: Callable[[Sequence[bytes]], bytes]
-) -> tuple[int, int]:
+    db: Database, doc_id: int, merge: Callable[[Sequence[bytes]], bytes]
+) -> tuple[int, int] | None:
     """Fold every logged update into the snapshot; returns the rows folded and the
-    snapshot's size in bytes.
+    snapshot's size in bytes, or None if nothing was folded.
 
     ``merge`` combines updates into one (Yjs updates commute, so the order only
-    matters for readability). Rows appended meanwhile stay in the log.
+    matters for readability). Rows appended meanwhile stay in the log. Reading and
+    merging happen outside any write transaction (off the event loop); the write
+    is short: the snapshot replaces the one that was read, only if it is still
+    the one in place (else another compaction won, and nothing is written), and
+    the folded rows are deleted.
     """
-    async with sessions.begin() as session:
-        snap, rows = await _snapshot_and_log(session, doc_id, for_update=True)
-        if not rows:
-            return 0, len(snap.state) if snap else 0
-        parts = ([snap.state] if snap else []) + [bytes(r.data) for r in rows]
-        # Merging a long log is CPU work: off the event loop.
-        state = await anyio.to_thread.run_sync(merge, parts)
-        last = rows[-1].id
-        if snap is None:
-            session.add(
-                DocumentSnapshot(document_id=doc_id, state=state, upto_update_id=last)
+
+    stored, upto = await db.read(lambda conn: _read_stored(conn, doc_id))
+    if not stored.updates:
+        return None
+    parts = ([stored.snapshot] if stored.snapshot is not None else []) + stored.updates
+    had_snapshot, last = stored.snapshot is not None, stored.last_update_id
+    # Merging a long log is CPU work: off the event loop.
+    state = await anyio.to_thread.run_sync(merge, parts)
+
+    def write(conn: Connection) -> bool:
+        if had_snapshot:
+            replaced = conn.execute(
+                update(DocumentSnapshot)
+                .where(
+                    DocumentSnapshot.document_id == doc_id,
+                    DocumentSnapshot.upto_update_id == upto,
+                )
+                .values(state=state, upto_update_id=last, updated_at=utcnow())
             )
+            if replaced.rowcount != 1:
+                return False
         else:
-            snap.state = state
-            snap.upto_update_id = last
-            snap.updated_at = utcnow()
+            conn.execute(
+                insert(DocumentSnapshot).values(
+                    document_id=doc_id,
+                    state=state,
+                    upto_update_id=last,
+                    updated_at=utcnow(),
+                )
+            )
         # The last folded row stays (loading skips it: it is not after the
         # snapshot). On SQLite a new row's id is the table's highest id + 1:
         # deleting the highest rows would hand their ids out again, to updates
         # that loading would then skip as folded. The next compaction deletes it.
-        await session.execute(
+        conn.execute(
             delete(DocumentUpdate).where(
                 DocumentUpdate.document_id == doc_id, DocumentUpdate.id < last
             )
         )
-        return len(rows), len(state)
+        return True
+
+    try:
+        if not await db.transact(write):
+            return None
+    except IntegrityError:  # another process made the first snapshot meanwhile
+        return None
+    return len(stored.updates), len(state)
 
 
 # -- named versions ---------------------------------------------------------------
@@ -297,9 +322,27 @@ class ActivityChanges:
     gone: list[str]  # activity ids no longer in the list
     changed: list[dict[str, Any]]  # new or different rows
     replace: bool = False  # the rows as last written are unknown: rewrite them all
+    # (activity id, new position) of rows that only moved (an insert or a removal
+    # before them): a cheap update of one column.
+    moved: list[tuple[str, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return self.replace or bool(self.gone or self.changed)
+        return self.replace or bool(self.gone or self.changed or self.moved)
+
+
+def row_change(
+    row: dict[str, Any], old: dict[str, Any] | None
+) -> Literal["same", "moved", "changed"]:
+    """How a row differs from the row last written for its activity."""
+    if old == row:
+        return "same"
+    if (
+        old is not None
+        and old["position"] != row["position"]
+        and {**old, "position": row["position"]} == row
+    ):
+        return "moved"
+    return "changed"
 
 
 def activity_changes(
@@ -309,39 +352,85 @@ def activity_changes(
     unknown, so everything is written)."""
     if previous is None:
         return ActivityChanges([], list(rows.values()), replace=True)
-    return ActivityChanges(
-        [i for i in previous if i not in rows],
-        [r for i, r in rows.items() if previous.get(i) != r],
+    changes = ActivityChanges([i for i in previous if i not in rows], [])
+    for key, row in rows.items():
+        how = row_change(row, previous.get(key))
+        if how == "moved":
+            changes.moved.append((key, row["position"]))
+        elif how == "changed":
+            changes.changed.append(row)
+    return changes
+
+
+# Rows written per transaction when a projection changes many: on SQLite every
+# transaction holds the one write lock, and document updates wait behind it.
+WRITE_CHUNK_ROWS = 200
+_MOVE_ROW = (
+    update(ActivityRow)
+    .where(
+        ActivityRow.room_id == bindparam("r"),
+        ActivityRow.activity_id == bindparam("a"),
     )
+    .values(position=bindparam("p"))
+)
 
 
 async def write_activity_changes(
     db: Database, room_id: int, changes: ActivityChanges
 ) -> None:
-    """Apply ``changes`` to the room's activity rows in one transaction."""
+    """Apply ``changes`` to the room's activity rows: a full replacement in one
+    transaction, changes in transactions of ``WRITE_CHUNK_ROWS`` rows (each row is
+    replaced within one; readers may see some of the changes before the others)."""
     if not changes:
         return
     now = utcnow()
-    changed = changes.changed
+    if changes.replace:
 
-    def write(conn: Connection) -> None:
-        if changes.replace:
+        def replace(conn: Connection) -> None:
             conn.execute(delete(ActivityRow).where(ActivityRow.room_id == room_id))
-        else:
-            dropped = changes.gone + [r["activity_id"] for r in changed]
-            for start in range(0, len(dropped), 500):
+            if changes.changed:
                 conn.execute(
-                    delete(ActivityRow).where(
-                        ActivityRow.room_id == room_id,
-                        ActivityRow.activity_id.in_(dropped[start : start + 500]),
-                    )
+                    insert(ActivityRow),
+                    [{**r, "updated_at": now} for r in changes.changed],
                 )
-        if changed:
+
+        await db.transact(replace)
+        return
+
+    def write(
+        gone: list[str], changed: list[dict[str, Any]]
+    ) -> Callable[[Connection], None]:
+        def work(conn: Connection) -> None:
+            dropped = gone + [r["activity_id"] for r in changed]
             conn.execute(
-                insert(ActivityRow), [{**r, "updated_at": now} for r in changed]
+                delete(ActivityRow).where(
+                    ActivityRow.room_id == room_id,
+                    ActivityRow.activity_id.in_(dropped),
+                )
+            )
+            if changed:
+                conn.execute(
+                    insert(ActivityRow), [{**r, "updated_at": now} for r in changed]
+                )
+
+        return work
+
+    def move(moved: list[tuple[str, int]]) -> Callable[[Connection], None]:
+        def work(conn: Connection) -> None:
+            conn.execute(
+                _MOVE_ROW,
+                [{"r": room_id, "a": key, "p": position} for key, position in moved],
             )
 
-    await db.transact(write)
+        return work
+
+    step = WRITE_CHUNK_ROWS
+    for start in range(0, len(changes.moved), step):
+        await db.transact(move(changes.moved[start : start + step]))
+    for start in range(0, len(changes.gone), step):
+        await db.transact(write(changes.gone[start : start + step], []))
+    for start in range(0, len(changes.changed), step):
+        await db.transact(write([], changes.changed[start : start + step]))
 
 
 async def list_activities(sessions: Sessions, room_id: int) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ class Table:
             self.rows.pop(key, None)
         for row in changes.changed:
             self.rows[row["activity_id"]] = row
+        for key, position in changes.moved:
+            self.rows[key] = {**self.rows[key], "position": position}
 
 
 def expected(doc: pycrdt.Doc) -> dict[str, dict[str, Any]]:
@@ -114,6 +116,32 @@ def test_appends_write_only_the_new_rows() -> None:
             "a3": 3,
             "new": 50,
         }
+
+    try:
+        asyncio.run(run())
+    finally:
+        projector.close()
+
+
+def test_an_insert_in_the_middle_moves_the_rows_after_it() -> None:
+    """An activity inserted before others is one new row; the rows after it only
+    change position (written as moves, not as whole rows)."""
+    client = pycrdt.Doc()
+    activities = client.get("activities", type=pycrdt.Array)
+    for n in range(5):
+        activities.append(pycrdt.Map({"id": f"a{n}", "title": "x"}))
+    projector = Projector()
+    table = Table()
+
+    async def run() -> None:
+        table.write(await projector.changes("doc", ROOM, [client.get_update()]))
+        before = client.get_state()
+        activities.insert(2, pycrdt.Map({"id": "new"}))
+        changes = await projector.changes("doc", ROOM, [client.get_update(before)])
+        assert [r["activity_id"] for r in changes.changed] == ["new"]
+        assert changes.moved == [("a2", 3), ("a3", 4), ("a4", 5)]
+        table.write(changes)
+        assert table.rows == expected(client)
 
     try:
         asyncio.run(run())
