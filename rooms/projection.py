@@ -6,10 +6,12 @@ to read it in one pycrdt call, which holds the GIL, and 100 ms of Python to turn
 into rows and compare them with the last ones). So each projected document has a
 copy, owned by one dedicated thread with the rows as last written, that takes only
 the updates applied since the previous projection (bytes the live document already
-has) and watches what they change: activities appended at the end and activities
-edited in place are read one by one, and only their rows are written. Anything else
-(an activity inserted or removed in the middle shifts every position after it, an
-id changed, an entry that is not a map) reads the whole list again.
+has) and follows what they do to the list (``observe_deep``): entries inserted and
+removed anywhere, activities edited. A projection then reads only the activities
+inserted or edited; the others keep their rows, with a new position when entries
+before them came or went (written as a one-column update). The list is read whole
+only the first time, and when more than ``MAX_EDITED_READS`` activities changed
+below their top level (those are found by index, each a walk from the start).
 
 The copies are the server's own: reading types their roots, which must never happen
 to a live document (a client's schema mistake must not touch it).
@@ -50,53 +52,62 @@ class ProjectionFailed(Exception):
         self.copy_lost = copy_lost
 
 
+class _Entry:
+    """One entry of the list: the id of its row ("" a map without a usable id,
+    None not an activity), or, when ``stale``, the value to read again (None: a
+    change deep inside, read the activity by its index)."""
+
+    __slots__ = ("key", "ref", "stale")
+
+    def __init__(self, key: str | None, ref: Any = None, *, stale: bool) -> None:
+        self.key = key
+        self.ref = ref
+        self.stale = stale
+
+
 @dataclass(slots=True)
 class _Copy:
     doc: pycrdt.Doc
     rows: Rows | None = None  # as last written; None: unknown, write them all
-    # Known after a whole read: the list, the row id at each index ("" for none),
-    # and what the updates since did to it.
+    # Known after a whole read: the list, its entries as the updates since left
+    # them, and which entry each row was read from.
     array: pycrdt.Array[Any] | None = None
-    ids: list[str] = field(default_factory=list)
-    length: int = 0  # of the list as the events so far left it
+    entries: list[_Entry] = field(default_factory=list)
+    sources: dict[str, _Entry] = field(default_factory=dict)
     reread: bool = True  # something happened that only a whole read handles
-    appended: list[Any] = field(default_factory=list)  # values added at the end
-    # Activities edited in place, by index: the activity's map when the event
-    # says it, else None (a change deeper inside: read it by index).
-    edited: dict[int, pycrdt.Map[Any] | None] = field(default_factory=dict)
+    deep_edits: int = 0  # stale entries to find by index
 
     def watch(self, events: list[Any]) -> None:
         """observe_deep callback (inside the transaction: only note what changed;
         the values noted are read after it, as they are then)."""
         if self.reread:
             return
-        for event in events:
+        entries = self.entries
+        # The list's own change first: its delta counts from the state before the
+        # transaction, the paths of changes inside activities from the state after.
+        for event in sorted(events, key=lambda e: len(e.path)):
             path = event.path
-            if path:
-                index = path[0]  # inside activity path[0] (after the change)
-                if len(path) == 1:
-                    self.edited[index] = event.target
-                else:
-                    self.edited.setdefault(index, None)
+            if not path:
+                index = 0
+                for op in event.delta:
+                    if "retain" in op:
+                        index += op["retain"]
+                    elif "insert" in op:
+                        values = op["insert"]
+                        entries[index:index] = [
+                            _Entry(None, value, stale=True) for value in values
+                        ]
+                        index += len(values)
+                    elif "delete" in op:
+                        del entries[index : index + op["delete"]]
                 continue
-            delta = event.delta
-            if len(delta) == 1 and "insert" in delta[0] and self.length == 0:
-                inserted = delta[0]["insert"]
-            elif (
-                len(delta) == 2
-                and delta[0].get("retain") == self.length
-                and "insert" in delta[1]
-            ):
-                inserted = delta[1]["insert"]  # appended at the end
-            else:
-                self.reread = True
-                return
-            self.length += len(inserted)
-            self.appended.extend(inserted)
-
-    def reset(self) -> None:
-        self.appended = []
-        self.edited = {}
+            entry = entries[path[0]]
+            if len(path) == 1:
+                entry.ref = event.target  # the activity's map itself
+            elif not entry.stale or entry.ref is not None:
+                entry.ref = None
+                self.deep_edits += 1
+            entry.stale = True
 
 
 def _plain(value: Any) -> Any:
@@ -155,7 +166,6 @@ class Projector:
             raise ProjectionFailed(
                 f"activities unreadable: {type(exc).__name__}", copy_lost=False
             ) from None
-        copy.reset()
         return changes
 
     async def forget_rows(self, key: Hashable) -> None:
@@ -166,7 +176,6 @@ class Projector:
             if copy is not None:
                 copy.rows = None
                 copy.reread = True
-                copy.reset()
 
         await asyncio.get_running_loop().run_in_executor(self._thread, forget)
 
@@ -190,34 +199,12 @@ def _pause(count: int) -> None:
         time.sleep(0)
 
 
-def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
-    """Read the whole list (and from now on, watch it)."""
-    if copy.array is None:
-        copy.array = copy.doc.get("activities", type=pycrdt.Array)
-        copy.array.observe_deep(copy.watch)
-    items = crdt.plain(copy.array) or []
-    activities = [a for a in items if isinstance(a, dict)]
-    rows: Rows = {}
-    for position, activity in enumerate(activities):
-        _pause(position)
-        key = store.activity_id(activity)
-        if key and key not in rows:
-            rows[key] = store.activity_row(room_id, position, activity)
-    changes = _diff(rows, copy.rows)
-    copy.rows = rows
-    copy.length = len(items)
-    # Incremental reads assume index == position: every entry is an activity map.
-    copy.reread = len(activities) != len(items)
-    copy.ids = [] if copy.reread else _ids(activities)
-    return changes
-
-
-def _ids(activities: list[dict[str, Any]]) -> list[str]:
-    ids = []
-    for count, activity in enumerate(activities):
-        _pause(count)
-        ids.append(store.activity_id(activity))
-    return ids
+def _pause(count: int) -> None:
+    # Let the event loop and the storing thread have the GIL now and then: a
+    # thread that wants it otherwise waits up to the 5 ms switch interval each
+    # time, and the store thread wants it at every SQLite call.
+    if count % YIELD_EVERY == 0:
+        time.sleep(0)
 
 
 def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
@@ -231,7 +218,10 @@ def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
             changes.gone.append(key)
     for count, (key, row) in enumerate(rows.items()):
         _pause(count)
-        how = store.row_change(row, previous.get(key))
+        old = previous.get(key)
+        if row is old:
+            continue
+        how = store.row_change(row, old)
         if how == "moved":
             changes.moved.append((key, row["position"]))
         elif how == "changed":
@@ -239,40 +229,73 @@ def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
     return changes
 
 
+def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
+    """Read the whole list (and from now on, follow it)."""
+    if copy.array is None:
+        copy.array = copy.doc.get("activities", type=pycrdt.Array)
+        copy.array.observe_deep(copy.watch)
+    items = crdt.plain(copy.array) or []
+    entries = []
+    for count, item in enumerate(items):
+        _pause(count)
+        key = store.activity_id(item) if isinstance(item, dict) else None
+        entries.append(_Entry(key, stale=False))
+    copy.entries = entries
+    copy.reread = False
+    copy.deep_edits = 0
+    # Every entry is known now: the same pass as for changes reads none of them.
+    return _changes_of(copy, room_id, items)
+
+
 def _read_changes(copy: _Copy, room_id: int) -> store.ActivityChanges | None:
-    """The changes of activities appended or edited in place since the last read,
-    reading only those; None when a whole read is needed."""
-    array, rows, ids = copy.array, copy.rows, copy.ids
+    """The changes since the last read, reading only the activities inserted or
+    edited; None when a whole read is cheaper."""
+    if copy.deep_edits > MAX_EDITED_READS:
+        return None
+    return _changes_of(copy, room_id, None)
+
+
+def _changes_of(
+    copy: _Copy, room_id: int, items: list[Any] | None
+) -> store.ActivityChanges:
+    """One pass over the entries: positions, rows (read again only where stale or
+    where a row's entry changed), and their difference with the last rows.
+    ``items``: the whole list just read (every entry's content at hand)."""
+    array, previous = copy.array, copy.rows
     assert array is not None
-    assert rows is not None
-    known = len(ids)
-    edited = sorted((i, m) for i, m in copy.edited.items() if i < known)
-    if len(edited) > MAX_EDITED_READS:
-        return None
-    changed: dict[str, dict[str, Any]] = {}
-    for count, (index, activity_map) in enumerate(edited):
-        _pause(count)
-        activity = _plain(array[index] if activity_map is None else activity_map)
-        if not isinstance(activity, dict) or store.activity_id(activity) != ids[index]:
-            return None  # a new id (or no longer a map): rows may move or merge
-        key = ids[index]
-        old = rows.get(key)
-        if old is None or old["position"] != index:
-            continue  # no id, or a later duplicate: its row is another entry's
-        row = store.activity_row(room_id, index, activity)
-        if row != old:
-            changed[key] = row
-    assert len(copy.appended) == copy.length - known
-    appended = []
-    for count, value in enumerate(copy.appended):
-        _pause(count)
-        appended.append(_plain(value))
-    if not all(isinstance(a, dict) for a in appended):
-        return None
-    for index, activity in enumerate(appended, known):
-        key = store.activity_id(activity)
-        ids.append(key)
-        if key and key not in rows and key not in changed:
-            changed[key] = store.activity_row(room_id, index, activity)
-    rows.update(changed)
-    return store.ActivityChanges([], list(changed.values()))
+    rows: Rows = {}
+    sources: dict[str, _Entry] = {}
+    position = 0
+    for index, entry in enumerate(copy.entries):
+        _pause(index)
+        activity: Any = None
+        if items is not None:
+            activity = items[index]
+        elif entry.stale:
+            activity = _plain(array[index] if entry.ref is None else entry.ref)
+            entry.key = (
+                store.activity_id(activity) if isinstance(activity, dict) else None
+            )
+        entry.ref, entry.stale = None, False
+        key = entry.key
+        if key is None:
+            continue  # not an activity: no position either
+        at, position = position, position + 1
+        if not key or key in rows:
+            continue  # no usable id, or a later duplicate: the first one has the row
+        old = previous.get(key) if previous is not None else None
+        if activity is None and (old is None or copy.sources.get(key) is not entry):
+            # Unchanged, but its row was another entry's (the first of a duplicate
+            # id that is gone now): read it.
+            activity = _plain(array[index])
+        if activity is None:
+            assert old is not None
+            rows[key] = old if old["position"] == at else {**old, "position": at}
+        else:
+            rows[key] = store.activity_row(room_id, at, activity)
+        sources[key] = entry
+    copy.sources = sources
+    copy.deep_edits = 0
+    changes = _diff(rows, previous)
+    copy.rows = rows
+    return changes

@@ -49,7 +49,13 @@ def random_edit(
     elif kind == "edit":
         activity = activities[rng.randrange(size)]
         if isinstance(activity, pycrdt.Map):
-            activity[rng.choice(["title", "status", "outcomes"])] = f"v{n}"
+            field = rng.choice(["title", "status", "outcomes", "people"])
+            if field != "people":
+                activity[field] = f"v{n}"
+            elif "people" in activity:
+                activity["people"].append(n)  # a change deeper inside
+            else:
+                activity["people"] = pycrdt.Array([n])
     elif kind == "insert":
         activities.insert(rng.randrange(size), pycrdt.Map({"id": f"m{n}"}))
     elif kind == "delete":
@@ -149,13 +155,14 @@ def test_an_insert_in_the_middle_moves_the_rows_after_it() -> None:
         projector.close()
 
 
-def test_many_edits_read_the_whole_list_once() -> None:
-    """More edited activities than MAX_EDITED_READS are read in one pass, with the
-    same result."""
+def test_many_deep_edits_read_the_whole_list_once() -> None:
+    """More activities changed deep inside than MAX_EDITED_READS (each found by
+    index otherwise) are read in one pass, with the same result."""
     client = pycrdt.Doc()
     activities = client.get("activities", type=pycrdt.Array)
-    for n in range(MAX_EDITED_READS + 10):
-        activities.append(pycrdt.Map({"id": f"a{n}", "title": "x"}))
+    count = MAX_EDITED_READS + 10
+    for n in range(count):
+        activities.append(pycrdt.Map({"id": f"a{n}", "people": pycrdt.Array([])}))
     projector = Projector()
     table = Table()
 
@@ -163,10 +170,11 @@ def test_many_edits_read_the_whole_list_once() -> None:
         table.write(await projector.changes("doc", ROOM, [client.get_update()]))
         before = client.get_state()
         with client.transaction():
-            for n in range(MAX_EDITED_READS + 10):
-                activities[n]["title"] = "y"
+            for n in range(count):
+                activities[n]["people"].append(n)
         table.write(await projector.changes("doc", ROOM, [client.get_update(before)]))
         assert table.rows == expected(client)
+        assert table.rows["a7"]["people"] == [7]
 
     try:
         asyncio.run(run())
