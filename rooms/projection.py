@@ -149,8 +149,11 @@ class Projector:
         copy = self._copies.get(key)
         if copy is None:
             copy = self._copies[key] = _Copy(pycrdt.Doc())
+        # One transaction for them all: each one's events cost a walk of the list
+        # in pycrdt (where an insert is), holding the GIL.
+        merged = crdt.merge_updates(updates) if len(updates) > 1 else None
         try:
-            for update in updates:
+            for update in updates if merged is None else [merged]:
                 crdt.apply(copy.doc, update)
         except crdt.UpdateRejected as exc:
             del self._copies[key]
