@@ -68,8 +68,6 @@ EMPTY_UPDATE = b"\x00\x00"
 # Updates applied and broadcast (merged into one frame) between two yields to the
 # event loop.
 YIELD_EVERY = 32
-# A projection waits this many times as long as the last one took (see _project).
-PROJECTION_SPACING = 50
 
 
 def doc_topic(room_id: int, name: str) -> str:
@@ -961,11 +959,8 @@ class DocumentRegistry:
                 except Exception:
                     log.exception("writing activities of room %s failed", doc.room_id)
                     await self.projector.forget_rows(doc.instance)  # all next time
-            # A projection of a long, busy list costs time, and its threads take
-            # the GIL from the event loop now and then: keep them under ~2% of the
-            # time (a 300 ms one runs at most every 15 s; small lists, within
-            # projection_delay).
-            doc.projection_not_before = time.monotonic() + PROJECTION_SPACING * (
+            # Reading a long list costs time: keep projections under ~5% of the time.
+            doc.projection_not_before = time.monotonic() + 20 * (
                 time.monotonic() - started
             )
 
