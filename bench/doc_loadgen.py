@@ -9,8 +9,11 @@ as a y-websocket update ``[0, 2, update]``. The map's ``note`` field holds
 ``bench:<send time ns>:<writer id>:`` (Yjs stores strings as UTF-8, so the marker
 is in the raw frame); receivers find it with a byte search and never decode,
 except the few "full" clients that apply every update with pycrdt so convergence
-can be checked at the end. Receipts of one's own update (a server that echoes)
-are skipped.
+can be checked at the end. A frame may hold several updates merged into one (our
+server sends each stored batch that way): every marker in it is a receipt, with
+its own send time. Receipts of one's own update (a server that echoes) are skipped.
+Writers never apply what they receive, so each appends after its own last
+activity: concurrent inserts in the middle of the merged list, not at its end.
 """
 
 from __future__ import annotations
