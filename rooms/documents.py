@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from rooms import crdt
 from rooms.broker import Broker, Envelope, MemoryBroker
@@ -48,6 +49,7 @@ from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
 from rooms.projection import ProjectionFailed, Projector
 from rooms.resync import Resync
+from rooms.worker import DocumentWorker, WorkerFailed, WorkerRefused
 from rooms.ysync import (
     AwarenessEntry,
     ProtocolViolation,
@@ -726,7 +728,10 @@ class DocumentRegistry:
         self._compactions: set[int] = set()
         self._user_conns: dict[int, int] = {}
         self._janitor: asyncio.Task[None] | None = None
-        self.projector = Projector()
+        # pycrdt work that needs no live document runs in a child process, so its
+        # GIL is not this process's (see rooms/worker.py).
+        self.worker = DocumentWorker()
+        self.projector = Projector(self.worker)
         self._projecting = asyncio.Lock()  # one projection at a time, written in order
         self.resynced = 0  # documents that caught up from storage after a resync
         # Other processes may hold the same documents: publish updates and awareness
@@ -735,7 +740,14 @@ class DocumentRegistry:
 
     async def __aenter__(self) -> DocumentRegistry:
         self._janitor = asyncio.create_task(self._housekeeping())
+        # Start the worker now (half a second or more: a new interpreter imports the
+        # server's modules), not in the first projection or compaction.
+        self._spawn(self._start_worker())
         return self
+
+    async def _start_worker(self) -> None:
+        with contextlib.suppress(WorkerFailed):
+            await self.worker.call("pid")
 
     async def __aexit__(self, *exc: object) -> None:
         # Flush: stop every writer after it has stored what it queued, project
@@ -752,6 +764,7 @@ class DocumentRegistry:
         for stack in self._room_subscriptions.values():
             await stack.aclose()
         self.projector.close()
+        await self.worker.aclose()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -924,7 +937,7 @@ class DocumentRegistry:
         try:
             started_at = doc.stored_bytes
             compacted = await store.compact_document(
-                self.db, doc.document_id, crdt.merge
+                self.db, doc.document_id, self._merge
             )
             if compacted is None:
                 return  # nothing to fold, or another process folded it
@@ -938,6 +951,22 @@ class DocumentRegistry:
             log.exception("compacting document %s/%s failed", doc.room_id, doc.name)
         finally:
             self._compactions.discard(doc.document_id)
+
+    async def _merge(self, parts: list[bytes]) -> bytes:
+        """``crdt.merge`` in the document worker; in a thread of this process while
+        the worker is restarting (or cannot run).
+
+        Raises:
+            crdt.UpdateRejected: pycrdt could not merge the parts.
+            rooms.worker.WorkerFailed: the worker failed on these parts (nothing is written;
+                the next compaction tries again).
+        """
+        if self.worker.usable():
+            try:
+                return await self.worker.call("merge", parts)
+            except WorkerRefused as exc:
+                raise crdt.UpdateRejected(exc.detail) from None
+        return await anyio.to_thread.run_sync(crdt.merge, parts)
 
     async def _project(self, doc: LiveDocument) -> None:
         async with self._projecting:

@@ -21,17 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pycrdt
 
 from rooms import crdt
+from rooms.worker import WorkerFailed, WorkerRefused
 from storage import documents as store
+
+if TYPE_CHECKING:
+    from rooms.worker import DocumentWorker
 
 log = logging.getLogger(__name__)
 
@@ -116,36 +121,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Projector:
-    """Copies of the projected documents, each touched only by the one thread."""
+class Projections:
+    """The copies of the projected documents, by key (synchronous: one thread, or
+    the document worker's process, owns an instance)."""
 
     def __init__(self) -> None:
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="projection"
-        )
-        self._copies: dict[Hashable, _Copy] = {}  # only used in the thread
+        self._copies: dict[Hashable, _Copy] = {}
 
-    async def changes(
-        self, key: Hashable, room_id: int, updates: Sequence[bytes]
-    ) -> store.ActivityChanges:
-        """Apply ``updates`` to the document's copy (made from them if there is none)
-        and return how its rows differ from the rows of the last projection.
-
-        The copy takes the new rows as written: call ``forget_rows`` if writing
-        the changes fails.
-
-        Raises:
-            ProjectionFailed: the copy could not take an update (it is dropped), or
-                its list could not be read.
-        """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._thread, self._changes, key, room_id, list(updates)
-        )
-
-    def _changes(
+    def changes(
         self, key: Hashable, room_id: int, updates: list[bytes]
     ) -> store.ActivityChanges:
+        """See ``Projector.changes``."""
         copy = self._copies.get(key)
         if copy is None:
             copy = self._copies[key] = _Copy(pycrdt.Doc())
@@ -171,35 +157,111 @@ class Projector:
             ) from None
         return changes
 
+    def forget_rows(self, key: Hashable) -> None:
+        copy = self._copies.get(key)
+        if copy is not None:
+            copy.rows = None
+            copy.reread = True
+
+    def drop(self, key: Hashable) -> None:
+        self._copies.pop(key, None)
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+
+_LOCAL = -1  # a copy kept in this process (the worker's copies: its epoch)
+
+
+class Projector:
+    """Where the copies live: in the document worker's process when there is one
+    (its pycrdt calls then never hold this process's GIL), else in one thread of
+    this process (no worker, or the worker is restarting after a failure).
+
+    A copy is lost when its worker failed (or the projections moved between the
+    worker and the thread meanwhile): ``changes`` then raises ``ProjectionFailed``
+    with ``copy_lost``, and the caller starts again from the whole state.
+    """
+
+    def __init__(self, worker: DocumentWorker | None = None) -> None:
+        self._worker = worker
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="projection"
+        )
+        self._local = Projections()  # only used in the thread
+        self._homes: dict[Hashable, int] = {}  # where each copy is
+
+    def _here(self) -> int:
+        worker = self._worker
+        return worker.epoch if worker is not None and worker.usable() else _LOCAL
+
+    async def changes(
+        self, key: Hashable, room_id: int, updates: Sequence[bytes]
+    ) -> store.ActivityChanges:
+        """Apply ``updates`` to the document's copy (made from them if there is none)
+        and return how its rows differ from the rows of the last projection.
+
+        The copy takes the new rows as written: call ``forget_rows`` if writing
+        the changes fails.
+
+        Raises:
+            ProjectionFailed: the copy could not take an update (it is dropped), or
+                its list could not be read, or it was lost with its worker.
+        """
+        here, home = self._here(), self._homes.get(key)
+        if home is not None and home != here:
+            await self.drop(key)
+            raise ProjectionFailed("copy lost with the document worker", copy_lost=True)
+        self._homes[key] = here
+        try:
+            if here == _LOCAL:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self._thread, self._local.changes, key, room_id, list(updates)
+                )
+            assert self._worker is not None
+            try:
+                return await self._worker.call("project", key, room_id, list(updates))
+            except WorkerFailed as exc:
+                raise ProjectionFailed(str(exc), copy_lost=True) from None
+            except WorkerRefused as exc:
+                copy_lost = exc.kind != "projection_kept"
+                raise ProjectionFailed(exc.detail, copy_lost=copy_lost) from None
+        except ProjectionFailed as exc:
+            if exc.copy_lost:
+                self._homes.pop(key, None)
+            raise
+
     async def forget_rows(self, key: Hashable) -> None:
         """The last changes were not written: write every row next time."""
-
-        def forget() -> None:
-            copy = self._copies.get(key)
-            if copy is not None:
-                copy.rows = None
-                copy.reread = True
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, forget)
+        home = self._homes.get(key)
+        if home == _LOCAL:
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._local.forget_rows, key
+            )
+        elif home is not None and self._worker is not None:
+            try:
+                await self._worker.call("forget_rows", key, start=False)
+            except (WorkerFailed, WorkerRefused):
+                self._homes.pop(key, None)  # gone with the worker: all rows anyway
 
     async def drop(self, key: Hashable) -> None:
         """Forget a document's copy (unloaded: the next load feeds the whole state)."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._copies.pop, key, None
-        )
+        home = self._homes.pop(key, None)
+        if home == _LOCAL:
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._local.drop, key
+            )
+        elif home is not None and self._worker is not None:
+            with contextlib.suppress(WorkerFailed, WorkerRefused):
+                await self._worker.call("drop", key, start=False)
 
     def close(self) -> None:
-        """Drop every copy and end the thread (after what it is doing)."""
-        self._thread.submit(self._copies.clear)
+        """Drop every copy and end the thread (after what it is doing); the
+        worker's copies end with the worker (its owner stops it)."""
+        self._homes.clear()
+        self._thread.submit(self._local.clear)
         self._thread.shutdown(wait=False)
-
-
-def _pause(count: int) -> None:
-    # Let the event loop and the storing thread have the GIL now and then: a
-    # thread that wants it otherwise waits up to the 5 ms switch interval each
-    # time, and the store thread wants it at every SQLite call.
-    if count % YIELD_EVERY == 0:
-        time.sleep(0)
 
 
 def _pause(count: int) -> None:

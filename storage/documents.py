@@ -7,11 +7,10 @@ Only this module knows the tables; callers pass and get bytes (Yjs updates).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio.to_thread
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -138,13 +137,14 @@ async def append_updates(
 
 
 async def compact_document(
-    db: Database, doc_id: int, merge: Callable[[Sequence[bytes]], bytes]
+    db: Database, doc_id: int, merge: Callable[[list[bytes]], Awaitable[bytes]]
 ) -> tuple[int, int] | None:
     """Fold every logged update into the snapshot; returns the rows folded and the
     snapshot's size in bytes, or None if nothing was folded.
 
     ``merge`` combines updates into one (Yjs updates commute, so the order only
-    matters for readability). Rows appended meanwhile stay in the log. Reading and
+    matters for readability), off the event loop: it is CPU work (the caller runs
+    it in a thread or another process); if it raises, nothing is written. Rows appended meanwhile stay in the log. Reading and
     merging happen outside any write transaction (off the event loop); the write
     is short: the snapshot replaces the one that was read, only if it is still
     the one in place (else another compaction won, and nothing is written), and
@@ -156,8 +156,7 @@ async def compact_document(
         return None
     parts = ([stored.snapshot] if stored.snapshot is not None else []) + stored.updates
     had_snapshot, last = stored.snapshot is not None, stored.last_update_id
-    # Merging a long log is CPU work: off the event loop.
-    state = await anyio.to_thread.run_sync(merge, parts)
+    state = await merge(parts)
 
     def write(conn: Connection) -> bool:
         if had_snapshot:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pycrdt
 import pytest
@@ -259,3 +262,73 @@ async def test_corrupt_storage_refuses_instead_of_serving_empty(
             own, world.room_id, "fragile", await ana.token(world.room_id), sync=False
         ) as c:
             assert await c.close_code() == 1013
+
+
+def document_worker_pid(server: ServerProcess) -> int:
+    """The server's document worker (a spawned child; the other is multiprocessing's
+    resource tracker)."""
+    assert server.proc is not None
+    for task in Path(f"/proc/{server.proc.pid}/task").glob("*/children"):
+        for pid in task.read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                return int(pid)
+    raise AssertionError("no document worker")
+
+
+async def test_a_killed_document_worker_loses_nothing(own: ServerProcess) -> None:
+    """kill -9 of the document worker while activities are added: the server carries
+    on, the activity rows catch up with the document, compaction still keeps every
+    edit (a restart reloads them all), and a stopped server leaves no child."""
+    async with World.create(own, members=1) as world:
+        ana = world.members[0]
+        token = await ana.token(world.room_id)
+
+        async def overview() -> list[str]:
+            r = await ana.http.get(f"/api/rooms/{world.room_id}/activities")
+            assert r.status_code == 200
+            return [x["id"] for x in r.json()["activities"]]
+
+        async with yclient(own, world.room_id, "agreement", token) as a:
+            for i in range(60):
+                await a.edit(add_activity(f"w{i}", title=f"Activity {i}"))
+            killed = None
+            async with asyncio.timeout(15):
+                while killed is None:
+                    with contextlib.suppress(AssertionError, OSError):
+                        killed = document_worker_pid(own)
+                    await asyncio.sleep(0.05)
+            os.kill(killed, signal.SIGKILL)
+            for i in range(60, 180):  # past the compaction threshold again
+                await a.edit(add_activity(f"w{i}", title=f"Activity {i}"))
+            ids = [x["id"] for x in a.activities()]
+            assert len(ids) == 180
+            async with asyncio.timeout(20):
+                while await overview() != ids:
+                    await asyncio.sleep(0.1)
+            # A new worker took over (after its restart delay).
+            async with asyncio.timeout(20):
+                while True:
+                    with contextlib.suppress(AssertionError, OSError):
+                        if document_worker_pid(own) != killed:
+                            break
+                    await asyncio.sleep(0.1)
+            before = a.doc.get_update()
+        assert own.proc is not None
+        server_pid = own.proc.pid
+        children = [
+            int(pid)
+            for task in Path(f"/proc/{server_pid}/task").glob("*/children")
+            for pid in task.read_text().split()
+        ]
+        own.stop()
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or Path(
+                f"/proc/{pid}/stat"
+            ).read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        own.start()
+        async with yclient(own, world.room_id, "agreement", token) as b:
+            expected = pycrdt.Doc()
+            expected.apply_update(before)
+            assert covered(b.doc, expected) and covered(expected, b.doc)
+            assert len(b.activities()) == 180
