@@ -39,6 +39,7 @@ import pycrdt
 import uvloop
 
 from bench.chat_fanout import (
+    CLK_TCK,
     Worker,
     all_cpu,
     command_line,
@@ -384,7 +385,7 @@ def run_fanout(target: Target, load: Load) -> FanoutResult:
             time.sleep(max(0.0, (t0 + k * width - time.monotonic_ns()) / 1e9))
             samples.append(
                 (
-                    cpu_times(pid),
+                    tree_cpu_times(pid),
                     [cpu_seconds(w.pid) for w in workers],
                     all_cpu(),
                     os.getloadavg()[0],
@@ -397,7 +398,7 @@ def run_fanout(target: Target, load: Load) -> FanoutResult:
     finally:
         for w in workers:
             w.stop()
-    ours = {pid, os.getpid(), *(w.pid for w in workers)}
+    ours = {pid, *descendants(pid), os.getpid(), *(w.pid for w in workers)}
     fan = load.per_doc - 1
     for k in range(load.reps):
         result.windows.append(
@@ -427,6 +428,38 @@ def run_fanout(target: Target, load: Load) -> FanoutResult:
 
 
 spawn = start_workers
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, theirs, and so on (/proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in task.read_text().split()]
+            except (OSError, ValueError):
+                continue  # exited while we looked
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process with its child processes (the
+    server's document worker does the server's work): the live descendants', and
+    the reaped children's (cutime, cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user = (int(fields[11]) + int(fields[13])) / CLK_TCK
+    system = (int(fields[12]) + int(fields[14])) / CLK_TCK
+    for child in descendants(pid):
+        try:
+            child_user, child_system = cpu_times(child)
+        except (OSError, ValueError, IndexError):
+            continue
+        user, system = user + child_user, system + child_system
+    return user, system
 
 
 def window_result(windows, edges, load: Load, fan: int, ours: set[int]) -> WindowResult:
