@@ -55,12 +55,12 @@ from bench.chat_fanout import (
     chat_metrics,
     command_line,
     cpu_seconds,
-    cpu_times,
     git_state,
     machine,
     others_delta,
     percentile_ms,
 )
+from bench.doc_fanout import descendants, tree_cpu_times
 from bench.loadgen import BIN_NS
 from bench.world import (
     Rooms,
@@ -205,6 +205,10 @@ class Deployment:
     @property
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self.servers if s.proc is not None]
+
+    def children(self) -> list[int]:
+        """The servers' child processes (the document worker): server CPU too."""
+        return [kid for pid in self.pids for kid in descendants(pid)]
 
     def __enter__(self) -> Deployment:
         try:
@@ -453,7 +457,8 @@ def measure(
             time.sleep(max(0.0, (t0 + k * width - time.monotonic_ns()) / 1e9))
             edges.append(
                 {
-                    "servers": [cpu_times(pid) for pid in pids],
+                    # with their child processes (the document worker)
+                    "servers": [tree_cpu_times(pid) for pid in pids],
                     "workers": [cpu_seconds(w.pid) for w in procs],
                     "all": all_cpu(),
                     "redis": dep.redis.commandstats() if dep.redis else {},
@@ -464,7 +469,7 @@ def measure(
     finally:
         for w in procs:
             w.stop()
-    ours = {*pids, os.getpid(), *(w.pid for w in procs)}
+    ours = {*pids, *dep.children(), os.getpid(), *(w.pid for w in procs)}
     for r in reports:
         result.errors += r["errors"]
         result.error_samples += r["error_samples"]
@@ -506,12 +511,12 @@ def settle(dep: Deployment, quiet_cores: float = 0.2) -> dict[str, float]:
     (the machine is shared), at most ``Quiet.per_run`` seconds and ``Quiet.budget``
     over the whole invocation. Returns what the last second looked like."""
     start = time.monotonic()
-    ours = {*dep.pids, os.getpid()}
+    ours = {*dep.pids, *dep.children(), os.getpid()}
     while True:
-        a = all_cpu()
+        a, trees_a = all_cpu(), [sum(tree_cpu_times(pid)) for pid in dep.pids]
         time.sleep(1.0)
-        b = all_cpu()
-        servers = sum(b.get(pid, 0.0) - a.get(pid, 0.0) for pid in dep.pids)
+        b, trees_b = all_cpu(), [sum(tree_cpu_times(pid)) for pid in dep.pids]
+        servers = sum(trees_b) - sum(trees_a)
         _, pg, rest = split_others(dep, others_delta(a, b, ours))
         waited = time.monotonic() - start
         quiet = servers + pg < 0.1 and rest < quiet_cores
