@@ -934,6 +934,7 @@ class DocumentRegistry:
         self._spawn(self._compact(doc))
 
     async def _compact(self, doc: LiveDocument) -> None:
+        done = False
         try:
             started_at = doc.stored_bytes
             compacted = await store.compact_document(
@@ -947,10 +948,16 @@ class DocumentRegistry:
             doc.stored_bytes = snapshot_bytes + (doc.stored_bytes - started_at)
             doc.snapshot_bytes = snapshot_bytes
             self.metrics.compactions.inc()
+            done = True
         except Exception:
             log.exception("compacting document %s/%s failed", doc.room_id, doc.name)
         finally:
             self._compactions.discard(doc.document_id)
+        # Batches stored meanwhile asked for a compaction and were turned away (one
+        # at a time per document): if the log is long again, fold it now, not only
+        # after the next batch (a failed one waits for the next batch).
+        if done and not doc.unloading and doc.compaction_due():
+            self.request_compaction(doc)
 
     async def _merge(self, parts: list[bytes]) -> bytes:
         """``crdt.merge`` in the document worker; in a thread of this process while
