@@ -96,7 +96,7 @@ async def test_both_stop_and_an_outer_cancel_leave_the_task_cancelled() -> None:
 
 async def test_errors_in_the_block_pass_through() -> None:
     stopper = Stopper()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom"):
         async with stopper:
             raise ValueError("boom")
     with pytest.raises(TimeoutError):
