@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from rooms.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +224,12 @@ class RedisBroker:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.stats = BrokerStats()
-        # No retries inside redis-py: a retried pipeline could publish twice, and
-        # reconnecting is this class's job (with backoff and a resync).
-        self._client = aioredis.Redis.from_url(
+        # Reconnecting is this class's job (with backoff and a resync).
+        self._client = redis_client(
             url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=command_timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"coilroom-broker-{self.origin}",
-            # RESP2: pub/sub replies are plain arrays read by ``_read`` (RESP3
-            # turns them into push frames that redis-py routes to a handler).
-            protocol=2,
+            name=f"coilroom-broker-{self.origin}",
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
         self._prefix = channel_prefix.encode()
         self._topics: dict[str, list[_Subscription]] = {}

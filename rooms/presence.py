@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from rooms.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -384,15 +383,11 @@ class RedisPresence:
         self.interval = expiry / 6  # heartbeat and reaper period
         self.heartbeat_ttl = expiry * 2 / 3
         self.book = PresenceBook()  # this process's connections
-        self._client = aioredis.Redis.from_url(
+        self._client = redis_client(
             url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=command_timeout,
-            socket_keepalive=True,
-            # No retries: a script re-run after a lost reply would report no change.
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"coilroom-presence-{self.process_id}",
-            protocol=2,
+            name=f"coilroom-presence-{self.process_id}",
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
         script = self._client.register_script
         self._add, self._update, self._remove = (

@@ -39,13 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from rooms.call_messages import MediaState, SignalRefused
 from rooms.presence import PresenceStore, PresenceUser, RedisPresence
+from rooms.redis_client import redis_client
 from signaling.calls import Call, CallBook, Left, Participant
 
 log = logging.getLogger(__name__)
@@ -528,14 +526,11 @@ class RedisCallStore:
         self.presence = presence
         self.process_id = presence.process_id
         self.key_prefix = key_prefix
-        self._client = aioredis.Redis.from_url(
+        self._client = redis_client(
             url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=command_timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"coilroom-calls-{self.process_id}",
-            protocol=2,
+            name=f"coilroom-calls-{self.process_id}",
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
         script = self._client.register_script
         self._leave, self._peek, self._join = (
