@@ -54,8 +54,8 @@ from rooms.messages import (
     Typing,
     create_batches,
     create_chat_change,
-    create_chat_message,
     create_error,
+    create_stored_chat_message,
     encode,
     parse_client_message,
 )
@@ -291,17 +291,7 @@ class Connection:
             if not page:
                 break
             for m in page:
-                await self.send_text(
-                    create_chat_message(
-                        seq=m.seq,
-                        client_id=m.client_id,
-                        author={"id": m.author_id, "name": m.author_name},
-                        text=m.text,
-                        created_at=m.created_at,
-                        edited_at=m.edited_at,
-                        deleted=m.deleted,
-                    )
-                )
+                await self.send_text(create_stored_chat_message(m))
             cursor, count = page[-1].seq, count + len(page)
         edits = 0
         if edits_after is not None and edits_after < last_edit:

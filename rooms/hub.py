@@ -27,6 +27,7 @@ from rooms.messages import (
     create_chat_change,
     create_chat_message,
     create_error,
+    create_stored_chat_message,
     encode,
 )
 from rooms.metrics import Metrics
@@ -419,15 +420,7 @@ class LocalRoom:
                     if chat.has(m.seq):
                         continue
                     chat.note(m.seq)
-                    frame = create_chat_message(
-                        seq=m.seq,
-                        client_id=m.client_id,
-                        author={"id": m.author_id, "name": m.author_name},
-                        text=m.text,
-                        created_at=m.created_at,
-                        edited_at=m.edited_at,
-                        deleted=m.deleted,
-                    )
+                    frame = create_stored_chat_message(m)
                     for member in list(self.members.values()):
                         member.offer(frame, m.seq)
                 cursor = page[-1].seq

@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from rooms.call_messages import CallMessage
+
+if TYPE_CHECKING:
+    from storage.chat import StoredMessage
 
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
@@ -185,6 +188,19 @@ def create_chat_message(
             "edited_at": iso(edited_at),
             "deleted": deleted,
         }
+    )
+
+
+def create_stored_chat_message(m: StoredMessage) -> str:
+    """The ``chat.message`` frame of a message read back from storage."""
+    return create_chat_message(
+        seq=m.seq,
+        client_id=m.client_id,
+        author={"id": m.author_id, "name": m.author_name},
+        text=m.text,
+        created_at=m.created_at,
+        edited_at=m.edited_at,
+        deleted=m.deleted,
     )
 
 
