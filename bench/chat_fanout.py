@@ -241,6 +241,26 @@ class FanoutResult:
         return float(statistics.median(getattr(w, name) for w in self.windows))
 
 
+def window_schedule(
+    *, lead: float, warmup: float, window: float, reps: int, drain: float
+) -> dict[str, Any]:
+    """When the load generators send and count, in ``time.monotonic_ns()`` (the same
+    clock in every process): sending starts ``lead`` s from now, windows of
+    ``window`` s start after ``warmup`` s, receipts are counted ``drain`` s more."""
+    width = int(window * 1e9)
+    send_start = time.monotonic_ns() + int(lead * 1e9)
+    t0 = send_start + int(warmup * 1e9)
+    send_stop = t0 + reps * width
+    return {
+        "send_start": send_start,
+        "t0": t0,
+        "window_ns": width,
+        "windows": reps,
+        "send_stop": send_stop,
+        "drain_until": send_stop + int(drain * 1e9),
+    }
+
+
 def percentile_ms(hist: dict[int, int], q: float) -> float:
     total = sum(hist.values())
     if not total:
@@ -269,19 +289,11 @@ def run_fanout(
         ready = sum(w.read(120)["ready"] for w in workers)
         assert ready == len(urls), f"{ready} of {len(urls)} connected"
         time.sleep(0.5)  # let presence traffic settle
-        width = int(p.window * 1e9)
-        send_start = time.monotonic_ns() + 200_000_000
-        t0 = send_start + int(p.warmup * 1e9)
-        send_stop = t0 + p.reps * width
-        schedule = {
-            "rate_per_sender": p.rate / p.senders,
-            "send_start": send_start,
-            "t0": t0,
-            "window_ns": width,
-            "windows": p.reps,
-            "send_stop": send_stop,
-            "drain_until": send_stop + int(p.drain * 1e9),
-        }
+        schedule = window_schedule(
+            lead=0.2, warmup=p.warmup, window=p.window, reps=p.reps, drain=p.drain
+        )
+        schedule["rate_per_sender"] = p.rate / p.senders
+        t0, width = schedule["t0"], schedule["window_ns"]
         for w in workers:
             w.write(schedule)
         if profile is not None:

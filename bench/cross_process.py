@@ -59,6 +59,7 @@ from bench.chat_fanout import (
     machine,
     others_delta,
     percentile_ms,
+    window_schedule,
 )
 from bench.doc_fanout import descendants, tree_cpu_times
 from bench.loadgen import BIN_NS
@@ -437,19 +438,15 @@ def measure(
         ready = sum(w.read(180)["ready"] for w in procs)
         assert ready == members, f"{ready} of {members} connected"
         time.sleep(0.5)  # presence traffic of the joins settles
-        width = int(timing.window * 1e9)
-        send_start = time.monotonic_ns() + 300_000_000
-        t0 = send_start + int(timing.warmup * 1e9)
-        send_stop = t0 + timing.reps * width
-        schedule = {
-            "rate_per_sender": rate / senders,
-            "send_start": send_start,
-            "t0": t0,
-            "window_ns": width,
-            "windows": timing.reps,
-            "send_stop": send_stop,
-            "drain_until": send_stop + int(timing.drain * 1e9),
-        }
+        schedule = window_schedule(
+            lead=0.3,
+            warmup=timing.warmup,
+            window=timing.window,
+            reps=timing.reps,
+            drain=timing.drain,
+        )
+        schedule["rate_per_sender"] = rate / senders
+        t0, width = schedule["t0"], schedule["window_ns"]
         for w in procs:
             w.write(schedule)
         edges = []

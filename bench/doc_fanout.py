@@ -52,6 +52,7 @@ from bench.chat_fanout import (
     rss_kib,
     settle_rss,
     start_profile,
+    window_schedule,
 )
 from bench.loadgen import BIN_NS
 from bench.world import (
@@ -358,20 +359,16 @@ def run_fanout(target: Target, load: Load) -> FanoutResult:
         result.kib_per_client = (
             result.rss_connected_kib - result.rss_before_kib
         ) / clients
-        width = int(load.window * 1e9)
-        send_start = time.monotonic_ns() + 300_000_000
-        t0 = send_start + int(load.warmup * 1e9)
-        send_stop = t0 + load.reps * width
         writers = load.docs * load.writers_per_doc
-        schedule = {
-            "rate_per_writer": load.rate / writers,
-            "send_start": send_start,
-            "t0": t0,
-            "window_ns": width,
-            "windows": load.reps,
-            "send_stop": send_stop,
-            "drain_until": send_stop + int(load.drain * 1e9),
-        }
+        schedule = window_schedule(
+            lead=0.3,
+            warmup=load.warmup,
+            window=load.window,
+            reps=load.reps,
+            drain=load.drain,
+        )
+        schedule["rate_per_writer"] = load.rate / writers
+        t0, width = schedule["t0"], schedule["window_ns"]
         for w in workers:
             w.write(schedule)
         spy = None
