@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from websockets.speedups import apply_mask
 
 MARKER = b"bench:"
+LARGE_FRAME = 1 << 17  # frames above this are collected read by read
 # A frame handler gets (connection, payload, payload start, payload end, now_ns).
 OnText = Callable[["LeanSocket", bytes, int, int, int], None]
 
@@ -68,6 +69,12 @@ class LeanSocket(asyncio.Protocol):
         )
         self.frames = 0
         self._buf = b""
+        # A frame larger than one read (a document's whole state) is collected as
+        # a list of reads and joined once: growing one bytes object read by read
+        # copies it again on every read, which a real client does not do.
+        self._parts: list[bytes] = []
+        self._parts_size = 0
+        self._need = 0
         self._upgraded = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -84,7 +91,15 @@ class LeanSocket(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        if self._parts:
+            self._parts.append(data)
+            self._parts_size += len(data)
+            if self._parts_size < self._need:
+                return
+            buf = b"".join(self._parts)
+            self._parts.clear()
+        else:
+            buf = self._buf + data if self._buf else data
         if not self._upgraded:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
@@ -114,6 +129,11 @@ class LeanSocket(asyncio.Protocol):
                 length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
             end = start + length
             if end > size:
+                if end - pos > LARGE_FRAME:
+                    self._parts.append(buf[pos:])
+                    self._parts_size, self._need = size - pos, end - pos
+                    self._buf = b""
+                    return
                 break
             opcode = b0 & 0x0F
             if opcode == 1 or opcode == 2:
