@@ -18,12 +18,12 @@ from rooms.errors import Forbidden, NotAuthenticated, RoomNotFound
 from storage.accounts import (
     RoomAccess,
     UserInfo,
-    room_access,
-    user_by_id,
+    admission,
     user_for_session,
 )
 
 SESSION_COOKIE = "coilroom_session"
+MAX_COOKIE_LENGTH = 200  # ours are 43 characters; longer ones are not looked up
 ROOM_TOKEN_TYPE = "room"  # noqa: S105 - a token kind, not a secret
 
 _hasher = PasswordHasher()
@@ -157,7 +157,7 @@ class Authenticator:
 
     async def user_from_cookie(self, cookies: Mapping[str, str]) -> UserInfo | None:
         token = cookies.get(SESSION_COOKIE)
-        if not token or len(token) > 200:
+        if not token or len(token) > MAX_COOKIE_LENGTH:
             return None
         return await user_for_session(self.sessions, token)
 
@@ -181,22 +181,23 @@ class Authenticator:
         """
         if token:
             user_id = self.read_room_token(token, room_id)
-            async with self.sessions() as session:
-                user = await user_by_id(session, user_id)
-            if user is None:
+            found = await admission(self.sessions, room_id, user_id=user_id)
+            if found is None:
                 raise NotAuthenticated("unknown user")
             by_token = True
         else:
-            if SESSION_COOKIE not in cookies:
+            cookie = cookies.get(SESSION_COOKIE)
+            if cookie is None:
                 raise NotAuthenticated()
             if not self.origin_allowed(origin, host=host, scheme=scheme):
                 raise Forbidden("origin not allowed")
-            cookie_user = await self.user_from_cookie(cookies)
-            if cookie_user is None:
+            found = None
+            if cookie and len(cookie) <= MAX_COOKIE_LENGTH:
+                found = await admission(self.sessions, room_id, session_token=cookie)
+            if found is None:
                 raise NotAuthenticated("session expired")
-            user = cookie_user
             by_token = False
-        access = await room_access(self.sessions, room_id, user.id)
+        user, access = found
         if access is None:
             raise RoomNotFound()
         if access is False:

@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import (
@@ -170,3 +170,80 @@ async def room_access(
         return RoomAccess(
             room[0].id, room[0].name, room[0].partnership_id, room[1], role
         )
+
+
+def _admission_query(by_session: bool):  # type: ignore[no-untyped-def]
+    """The user, their institution, the room and their role in it, as one row."""
+    query = (
+        select(
+            User.id,
+            User.email,
+            User.name,
+            User.role,
+            User.institution_id,
+            Institution.name,
+            Institution.country,
+            Room.id,
+            Room.name,
+            Room.partnership_id,
+            Partnership.title,
+            Membership.role,
+        )
+        .select_from(User)
+        .outerjoin(Institution, Institution.id == User.institution_id)
+        .outerjoin(Room, Room.id == bindparam("room_id"))
+        .outerjoin(Partnership, Partnership.id == Room.partnership_id)
+        .outerjoin(
+            Membership,
+            and_(
+                Membership.partnership_id == Room.partnership_id,
+                Membership.user_id == User.id,
+            ),
+        )
+        .where(User.disabled.is_(False))
+    )
+    if by_session:
+        return query.join(Session, Session.user_id == User.id).where(
+            Session.token_hash == bindparam("token_hash"),
+            Session.expires_at > bindparam("now"),
+        )
+    return query.where(User.id == bindparam("user_id"))
+
+
+# Built once: a socket's admission runs on every connect, and building the
+# statement costs more than the lookup itself.
+_ADMISSION_BY_USER = _admission_query(False)
+_ADMISSION_BY_SESSION = _admission_query(True)
+
+
+async def admission(
+    sessions: async_sessionmaker[AsyncSession],
+    room_id: int,
+    *,
+    user_id: int | None = None,
+    session_token: str | None = None,
+) -> tuple[UserInfo, RoomAccess | bool | None] | None:
+    """Who is at the door of a room, in one query: the active user (by id, or by a
+    current login session's cookie value) and their access to the room, as
+    ``room_access`` gives it. ``None`` if there is no such active user or session."""
+    if session_token is not None:
+        statement = _ADMISSION_BY_SESSION
+        params: dict[str, object] = {
+            "room_id": room_id,
+            "token_hash": hash_secret(session_token),
+            "now": utcnow(),
+        }
+    else:
+        statement = _ADMISSION_BY_USER
+        params = {"room_id": room_id, "user_id": user_id}
+    async with sessions() as session:
+        row = (await session.execute(statement, params)).first()
+    if row is None:
+        return None
+    user = UserInfo(*row[:7])
+    room_id_found, room_name, partnership_id, title, role = row[7:]
+    if room_id_found is None or title is None:
+        return user, None
+    if role is None:
+        return user, False
+    return user, RoomAccess(room_id_found, room_name, partnership_id, title, role)
