@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # An update that changes nothing (no structs, empty delete set) is two zero bytes.
 EMPTY_UPDATE = b"\x00\x00"
+# The state vector of a client that has nothing yet (no clients: varUint 0).
+EMPTY_STATE_VECTOR = b"\x00"
 # Updates applied and broadcast (merged into one frame) between two yields to the
 # event loop.
 YIELD_EVERY = 32
@@ -210,6 +212,10 @@ class LiveDocument:
             # Never serve an empty document in place of stored state.
             log.error("document %s/%s does not load: %s", room_id, name, exc)
             raise DocumentUnavailable() from None
+        # The step 2 for a client that has nothing yet (every fresh join): encoding
+        # a long document takes milliseconds, so it is made once and kept until
+        # the document changes (``_apply_live`` drops it).
+        self._full_sync: bytes | None = None
         self.stored_bytes = stored.stored_bytes
         self.snapshot_bytes = len(stored.snapshot or b"")
         self.log_rows = len(stored.updates)
@@ -260,6 +266,13 @@ class LiveDocument:
 
     def sync(self, conn: DocConnection, state_vector: bytes) -> None:
         """Answer a client's sync step 1 and make the connection live, in one step."""
+        if state_vector == EMPTY_STATE_VECTOR:
+            frame = self._full_sync
+            if frame is None:
+                frame = self._full_sync = create_sync_step2(self.doc.get_update())
+            conn.offer(frame)
+            conn.live = True
+            return
         try:
             diff = self.doc.get_update(state_vector)
         except BaseException as exc:
@@ -268,6 +281,12 @@ class LiveDocument:
             raise ProtocolViolation("bad state vector") from None
         conn.offer(create_sync_step2(diff))
         conn.live = True
+
+    def _apply_live(self, update: bytes) -> None:
+        """Every change to the live copy goes through here: it makes the cached
+        step 2 stale (raises ``crdt.UpdateRejected``)."""
+        self._full_sync = None
+        crdt.apply(self.doc, update)
 
     def detach(self, conn: DocConnection) -> None:
         """Forget a connection; its awareness state is announced as removed."""
@@ -438,7 +457,7 @@ class LiveDocument:
             chunk = accepted[start : start + YIELD_EVERY]
             for pending in chunk:
                 try:
-                    crdt.apply(self.doc, pending.update)
+                    self._apply_live(pending.update)
                 except crdt.UpdateRejected:
                     # The shadow accepted it, so this should not happen; the live
                     # copy may be damaged: reload it from storage on the next
@@ -528,7 +547,7 @@ class LiveDocument:
                 conn.offer(envelope.data)
             return
         try:
-            crdt.apply(self.doc, envelope.data)
+            self._apply_live(envelope.data)
             crdt.apply(self.shadow, envelope.data)
         except crdt.UpdateRejected as exc:
             log.error(
@@ -560,7 +579,7 @@ class LiveDocument:
         diff = kept.get_update(self.doc.get_state())
         if diff == EMPTY_UPDATE:
             return
-        crdt.apply(self.doc, diff)
+        self._apply_live(diff)
         crdt.apply(self.shadow, diff)
         self._feed_projection(diff)
         frame = create_update(diff)

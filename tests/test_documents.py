@@ -50,6 +50,45 @@ async def test_late_joiner_gets_the_stored_state(
             )
 
 
+async def test_every_fresh_joiner_gets_the_document_as_it_is_now(
+    server: ServerProcess, world: World
+) -> None:
+    """The server keeps the step 2 it sends a client with an empty document for the
+    next one, until the document changes. After an insert, and after a deletion
+    (which leaves the state vector as it was), the next fresh client's step 2 alone
+    holds the change."""
+    ana, lars = world.members[:2]
+    text = "hello world"
+
+    def read(doc: pycrdt.Doc) -> str:
+        return str(doc.get("text", type=pycrdt.Text))
+
+    async def fresh_joiner_reads() -> str:
+        async with yclient(
+            server, world.room_id, "fresh", await lars.token(world.room_id)
+        ) as b:
+            return read(b.doc)  # as of its step 2: nothing else has come yet
+
+    async with (
+        yclient(server, world.room_id, "fresh", await ana.token(world.room_id)) as a,
+        yclient(server, world.room_id, "fresh", await ana.token(world.room_id)) as w,
+    ):
+        changes = [
+            lambda d: d.get("text", type=pycrdt.Text).insert(0, text),
+            lambda d: d.get("text", type=pycrdt.Text).insert(5, ","),
+            lambda d: d.get("text", type=pycrdt.Text).__delitem__(slice(0, 7)),
+        ]
+        for change in changes:
+            state_vector = a.doc.get_state()
+            await a.edit(change)
+            # The watcher has it live, so the server has applied it before the join.
+            await w.wait_for(lambda: read(w.doc) == read(a.doc))
+            assert await fresh_joiner_reads() == read(a.doc)
+            assert await fresh_joiner_reads() == read(a.doc)  # the kept step 2
+        assert read(a.doc) == "world"
+        assert a.doc.get_state() == state_vector  # the deletion made no new items
+
+
 async def test_handshake_race_edits_arrive_exactly_once(
     server: ServerProcess, world: World
 ) -> None:
