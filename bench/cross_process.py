@@ -644,7 +644,7 @@ def check_documents(
     sent = sum(r["sent_total"] for r in reports)
     seen = []
     for p in range(dep.processes):
-        doc, _ = uvloop.run(join_once(dep.url("doc", p, room, 0)))
+        doc, _, _ = uvloop.run(join_once(dep.url("doc", p, room, 0)))
         seen.append(len(doc.get("activities", type=pycrdt.Array)))
     return {
         "converged": all(n == sent for n in seen),

@@ -55,6 +55,7 @@ class BinSocket(LeanSocket):
         self.synced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.wid = -1  # writer id of this socket (to skip echoes of own updates)
         self.doc: pycrdt.Doc | None = None  # full clients apply every update
+        self.apply_seconds = 0.0  # time spent decoding and applying (client side)
 
     def _on_upgraded(self) -> None:
         if self.handshake:
@@ -71,9 +72,11 @@ class BinSocket(LeanSocket):
             self.send_binary(EMPTY_STEP2)
         elif step == 1:
             if self.doc is not None:
+                t0 = time.perf_counter()
                 frame = parse_frame(buf[start:end], max_frame_bytes=1 << 30)
                 assert isinstance(frame, SyncStep2)
                 self.doc.apply_update(frame.update)
+                self.apply_seconds += time.perf_counter() - t0
             if not self.synced.done():
                 self.synced.set_result(None)
         elif step == 2:
