@@ -33,7 +33,13 @@ import pycrdt
 
 from rooms import crdt
 from rooms.worker import WorkerFailed, WorkerRefused
-from storage import documents as store
+from storage.activity_rows import (
+    ActivityChanges,
+    activity_changes,
+    activity_id,
+    activity_row,
+    row_change,
+)
 
 if TYPE_CHECKING:
     from rooms.worker import DocumentWorker
@@ -130,7 +136,7 @@ class Projections:
 
     def changes(
         self, key: Hashable, room_id: int, updates: list[bytes]
-    ) -> store.ActivityChanges:
+    ) -> ActivityChanges:
         """See ``Projector.changes``."""
         copy = self._copies.get(key)
         if copy is None:
@@ -197,7 +203,7 @@ class Projector:
 
     async def changes(
         self, key: Hashable, room_id: int, updates: Sequence[bytes]
-    ) -> store.ActivityChanges:
+    ) -> ActivityChanges:
         """Apply ``updates`` to the document's copy (made from them if there is none)
         and return how its rows differ from the rows of the last projection.
 
@@ -272,11 +278,11 @@ def _pause(count: int) -> None:
         time.sleep(0)
 
 
-def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
-    """``store.activity_changes``, pausing now and then (a long list)."""
+def _diff(rows: Rows, previous: Rows | None) -> ActivityChanges:
+    """``activity_changes``, pausing now and then (a long list)."""
     if previous is None:
-        return store.activity_changes(rows, None)
-    changes = store.ActivityChanges([], [])
+        return activity_changes(rows, None)
+    changes = ActivityChanges([], [])
     for count, key in enumerate(previous):
         _pause(count)
         if key not in rows:
@@ -286,7 +292,7 @@ def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
         old = previous.get(key)
         if row is old:
             continue
-        how = store.row_change(row, old)
+        how = row_change(row, old)
         if how == "moved":
             changes.moved.append((key, row["position"]))
         elif how == "changed":
@@ -294,7 +300,7 @@ def _diff(rows: Rows, previous: Rows | None) -> store.ActivityChanges:
     return changes
 
 
-def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
+def _read_all(copy: _Copy, room_id: int) -> ActivityChanges:
     """Read the whole list (and from now on, follow it)."""
     if copy.array is None:
         copy.array = copy.doc.get("activities", type=pycrdt.Array)
@@ -303,7 +309,7 @@ def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
     entries = []
     for count, item in enumerate(items):
         _pause(count)
-        key = store.activity_id(item) if isinstance(item, dict) else None
+        key = activity_id(item) if isinstance(item, dict) else None
         entries.append(_Entry(key, stale=False))
     copy.entries = entries
     copy.reread = False
@@ -312,7 +318,7 @@ def _read_all(copy: _Copy, room_id: int) -> store.ActivityChanges:
     return _changes_of(copy, room_id, items)
 
 
-def _read_changes(copy: _Copy, room_id: int) -> store.ActivityChanges | None:
+def _read_changes(copy: _Copy, room_id: int) -> ActivityChanges | None:
     """The changes since the last read, reading only the activities inserted or
     edited; None when a whole read is cheaper."""
     if copy.deep_edits > MAX_EDITED_READS:
@@ -320,9 +326,7 @@ def _read_changes(copy: _Copy, room_id: int) -> store.ActivityChanges | None:
     return _changes_of(copy, room_id, None)
 
 
-def _changes_of(
-    copy: _Copy, room_id: int, items: list[Any] | None
-) -> store.ActivityChanges:
+def _changes_of(copy: _Copy, room_id: int, items: list[Any] | None) -> ActivityChanges:
     """One pass over the entries: positions, rows (read again only where stale or
     where a row's entry changed), and their difference with the last rows.
     ``items``: the whole list just read (every entry's content at hand)."""
@@ -338,9 +342,7 @@ def _changes_of(
             activity = items[index]
         elif entry.stale:
             activity = _plain(array[index] if entry.ref is None else entry.ref)
-            entry.key = (
-                store.activity_id(activity) if isinstance(activity, dict) else None
-            )
+            entry.key = activity_id(activity) if isinstance(activity, dict) else None
         entry.ref, entry.stale = None, False
         key = entry.key
         if key is None:
@@ -357,7 +359,7 @@ def _changes_of(
             assert old is not None
             rows[key] = old if old["position"] == at else {**old, "position": at}
         else:
-            rows[key] = store.activity_row(room_id, at, activity)
+            rows[key] = activity_row(room_id, at, activity)
         sources[key] = entry
     copy.sources = sources
     copy.deep_edits = 0

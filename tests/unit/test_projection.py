@@ -11,7 +11,7 @@ import pytest
 
 from rooms import crdt
 from rooms.projection import MAX_EDITED_READS, ProjectionFailed, Projector
-from storage import documents as store
+from storage.activity_rows import ActivityChanges, activity_rows
 
 ROOM = 7
 
@@ -22,7 +22,7 @@ class Table:
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
 
-    def write(self, changes: store.ActivityChanges) -> None:
+    def write(self, changes: ActivityChanges) -> None:
         if changes.replace:
             self.rows = {}
         for key in changes.gone:
@@ -34,7 +34,7 @@ class Table:
 
 
 def expected(doc: pycrdt.Doc) -> dict[str, dict[str, Any]]:
-    return store.activity_rows(ROOM, crdt.activities(crdt.copy(doc)))
+    return activity_rows(ROOM, crdt.activities(crdt.copy(doc)))
 
 
 def random_edit(
