@@ -5,7 +5,7 @@ pycrdt holds the GIL through each call: a projection of a long, busy list or the
 merge of 20,000 updates (30-70 ms in one call) made the event loop and the storing
 thread wait. In a child process that work has its own GIL and its own core.
 
-Requests go one at a time over a pipe (bytes and plain values in, plain values out)
+Requests go one at a time over a socket (bytes and plain values in, plain values out)
 from one I/O thread, each with a timeout. A worker that dies, hangs or cannot start
 is killed and joined; the request fails with ``WorkerFailed`` (whatever it computed
 is never used) and the worker starts again on a later request, after a delay that
@@ -13,9 +13,13 @@ doubles with each failure in a row (1 s up to a minute); until then ``usable()``
 False and callers do the work in-process. A pycrdt failure inside a healthy worker
 (a panic included) is answered as ``WorkerRefused``.
 
-The worker is started with the ``spawn`` context (never a fork of a process with
-threads and an event loop) and ends when its pipe closes or its parent changes
-(the server was killed): it leaves no orphan.
+The worker is a new interpreter, ``python -m rooms.worker FD PARENT_PID`` (never a
+fork of a process with threads and an event loop), talking over one end of a
+socket pair. It is not started through ``multiprocessing``'s spawn, which would
+run the server's main module again in it: it imports pycrdt, msgspec and the
+projection code only (about 28 MiB, against 120 with everything the server
+imports). It ends when its socket closes or its parent changes (the server was
+killed): it leaves no orphan.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ START_TIMEOUT = 60.0  # for a new interpreter to import what it needs and say so
 FIRST_RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
 PARENT_CHECK_INTERVAL = 1.0
+# Where ``python -m rooms.worker`` finds the package, whatever the server's cwd.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerFailed(Exception):
@@ -69,8 +78,7 @@ class DocumentWorker:
         self.epoch = 0
         self.failures = 0  # in a row
         self.restarts = 0
-        self._context = multiprocessing.get_context("spawn")
-        self._process: Any = None  # multiprocessing.Process, touched in the I/O thread
+        self._process: subprocess.Popen[bytes] | None = None  # I/O thread only
         self._conn: multiprocessing.connection.Connection | None = None
         self._retry_at = 0.0
         self._closed = False
@@ -146,22 +154,31 @@ class DocumentWorker:
         return status, value
 
     def _start(self) -> None:
-        parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=serve,
-            args=(child, os.getpid()),
-            name="coilroom-docworker",
-            daemon=True,
-        )
+        ours, theirs = socket.socketpair()
         try:
-            process.start()
+            process = subprocess.Popen(  # noqa: S603 - our interpreter, our module
+                [
+                    sys.executable,
+                    "-m",
+                    "rooms.worker",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                cwd=PROJECT_ROOT,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            child.close()  # the child's end lives in the child only
-        self._process, self._conn = process, parent
+            theirs.close()  # the child's end lives in the child only
+        self._process = process
+        self._conn = multiprocessing.connection.Connection(ours.detach())
         # Ready once it has imported pycrdt (not counted in a request's timeout).
-        if not parent.poll(START_TIMEOUT):
+        if not self._conn.poll(START_TIMEOUT):
             raise TimeoutError(f"not started in {START_TIMEOUT:.0f}s")
-        parent.recv()
+        self._conn.recv()
         if self.epoch or self.restarts:
             log.warning("document worker restarted (pid %s)", process.pid)
         self.restarts += 1
@@ -170,19 +187,19 @@ class DocumentWorker:
         process, conn = self._process, self._conn
         self._process = self._conn = None
         if conn is not None:
-            conn.close()  # the worker sees its pipe close and ends
+            conn.close()  # the worker sees its socket close and ends
         if process is None:
             return
         if kill:
             process.kill()
-        process.join(5.0)
-        if process.is_alive():
+        try:
+            process.wait(5.0)
+        except subprocess.TimeoutExpired:
             process.kill()
-            process.join(5.0)
-        process.close()
+            process.wait(5.0)
 
     async def aclose(self) -> None:
-        """Stop the worker (it ends when its pipe closes) and join it (once)."""
+        """Stop the worker (it ends when its socket closes) and join it (once)."""
         if self._turn is None:
             self._turn = asyncio.Lock()
         async with self._turn:
@@ -199,7 +216,7 @@ class DocumentWorker:
 
 
 def serve(conn: multiprocessing.connection.Connection, parent_pid: int) -> None:
-    """The worker's loop: answer requests until the pipe closes or the parent dies."""
+    """The worker's loop: answer requests until the socket closes or the parent dies."""
     # Ctrl-C goes to the whole process group: the server stops its worker itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from rooms import crdt, projection
@@ -256,3 +273,7 @@ def _run(projections: Any, crdt: Any, op: str, args: tuple[Any, ...]) -> Any:
         time.sleep(args[0])
         return None
     raise ValueError(f"unknown request {op!r}")
+
+
+if __name__ == "__main__":  # python -m rooms.worker FD PARENT_PID (see _start)
+    serve(multiprocessing.connection.Connection(int(sys.argv[1])), int(sys.argv[2]))
