@@ -276,13 +276,12 @@ def running(pid: int) -> bool:
 
 
 def document_worker_pid(server: ServerProcess) -> int:
-    """The server's document worker (a spawned child; the other is multiprocessing's
-    resource tracker)."""
+    """The server's document worker (``python -m rooms.worker``, its only child)."""
     assert server.proc is not None
     for task in Path(f"/proc/{server.proc.pid}/task").glob("*/children"):
         for pid in task.read_text().split():
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if cmdline[1:3] == [b"-m", b"rooms.worker"]:
                 return int(pid)
     raise AssertionError("no document worker")
 
@@ -339,9 +338,9 @@ async def test_a_killed_document_worker_loses_nothing(own: ServerProcess) -> Non
             for task in Path(f"/proc/{server_pid}/task").glob("*/children")
             for pid in task.read_text().split()
         ]
+        assert children, "the server had no document worker"
         own.stop()
-        # The worker is joined before the server exits; the resource tracker ends
-        # when the server's end of its pipe closes, a moment after.
+        # The worker is waited for before the server exits.
         async with asyncio.timeout(10):
             while any(map(running, children)):
                 await asyncio.sleep(0.05)
