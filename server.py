@@ -646,7 +646,7 @@ def create_app(settings: Settings | None = None) -> SocketFront:
             app_metrics.registry.register(_FanOutCollector(broker, hub, documents))
             auth = Authenticator(
                 secret_key=settings.secret_key,
-                sessions=db.sessions,
+                db=db,
                 allowed_origins=[
                     o for o in settings.allowed_origins.split(",") if o.strip()
                 ],

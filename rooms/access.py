@@ -12,7 +12,6 @@ import anyio.to_thread
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rooms.errors import Forbidden, NotAuthenticated, RoomNotFound
 from storage.accounts import (
@@ -21,6 +20,7 @@ from storage.accounts import (
     admission,
     user_for_session,
 )
+from storage.database import Database
 
 SESSION_COOKIE = "coilroom_session"
 MAX_COOKIE_LENGTH = 200  # ours are 43 characters; longer ones are not looked up
@@ -78,13 +78,14 @@ class Authenticator:
         self,
         *,
         secret_key: str,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         allowed_origins: Iterable[str],
         room_token_ttl: float,
         room_token_max_ttl: float,
     ) -> None:
         self._key = secret_key
-        self.sessions = sessions
+        self.db = db
+        self.sessions = db.sessions
         self.allowed_origins = frozenset(
             normalise_origin(o) for o in allowed_origins if o
         )
@@ -181,7 +182,7 @@ class Authenticator:
         """
         if token:
             user_id = self.read_room_token(token, room_id)
-            found = await admission(self.sessions, room_id, user_id=user_id)
+            found = await admission(self.db, room_id, user_id=user_id)
             if found is None:
                 raise NotAuthenticated("unknown user")
             by_token = True
@@ -193,7 +194,7 @@ class Authenticator:
                 raise Forbidden("origin not allowed")
             found = None
             if cookie and len(cookie) <= MAX_COOKIE_LENGTH:
-                found = await admission(self.sessions, room_id, session_token=cookie)
+                found = await admission(self.db, room_id, session_token=cookie)
             if found is None:
                 raise NotAuthenticated("session expired")
             by_token = False

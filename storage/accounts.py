@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.database import Database
 from storage.models import (
     Institution,
     MemberRole,
@@ -217,7 +218,7 @@ _ADMISSION_BY_SESSION = _admission_query(True)
 
 
 async def admission(
-    sessions: async_sessionmaker[AsyncSession],
+    db: Database,
     room_id: int,
     *,
     user_id: int | None = None,
@@ -225,7 +226,10 @@ async def admission(
 ) -> tuple[UserInfo, RoomAccess | bool | None] | None:
     """Who is at the door of a room, in one query: the active user (by id, or by a
     current login session's cookie value) and their access to the room, as
-    ``room_access`` gives it. ``None`` if there is no such active user or session."""
+    ``room_access`` gives it. ``None`` if there is no such active user or session.
+
+    It runs as one ``Database.read`` (on SQLite one hop to a thread, rows read
+    there), not through an ORM session: it is on the path of every socket's open."""
     if session_token is not None:
         statement = _ADMISSION_BY_SESSION
         params: dict[str, object] = {
@@ -236,8 +240,7 @@ async def admission(
     else:
         statement = _ADMISSION_BY_USER
         params = {"room_id": room_id, "user_id": user_id}
-    async with sessions() as session:
-        row = (await session.execute(statement, params)).first()
+    row = await db.read(lambda conn: conn.execute(statement, params).first())
     if row is None:
         return None
     user = UserInfo(*row[:7])

@@ -106,7 +106,7 @@ async def place(db: Database) -> Place:
 async def test_member_by_id_gets_user_institution_room_and_role(
     db: Database, place: Place
 ) -> None:
-    found = await admission(db.sessions, place.room_id, user_id=place.member)
+    found = await admission(db, place.room_id, user_id=place.member)
     assert found is not None
     user, access = found
     assert (user.id, user.name, user.role) == (place.member, "ana", UserRole.INSTRUCTOR)
@@ -123,21 +123,21 @@ async def test_member_by_id_gets_user_institution_room_and_role(
 async def test_non_member_unknown_room_unknown_and_disabled_user(
     db: Database, place: Place
 ) -> None:
-    stranger = await admission(db.sessions, place.room_id, user_id=place.stranger)
+    stranger = await admission(db, place.room_id, user_id=place.stranger)
     assert stranger is not None
     assert stranger[0].id == place.stranger and stranger[0].institution is None
     assert stranger[1] is False  # a user, but not a member
-    no_room = await admission(db.sessions, 987_654_321, user_id=place.member)
+    no_room = await admission(db, 987_654_321, user_id=place.member)
     assert no_room is not None and no_room[1] is None
-    assert await admission(db.sessions, place.room_id, user_id=987_654_321) is None
-    assert await admission(db.sessions, place.room_id, user_id=place.disabled) is None
+    assert await admission(db, place.room_id, user_id=987_654_321) is None
+    assert await admission(db, place.room_id, user_id=place.disabled) is None
 
 
 async def test_by_session_cookie_current_expired_and_unknown(
     db: Database, place: Place
 ) -> None:
     cookie, _ = await create_session(db.sessions, place.member, ttl=600)
-    found = await admission(db.sessions, place.room_id, session_token=cookie)
+    found = await admission(db, place.room_id, session_token=cookie)
     assert found is not None and found[0].id == place.member
     assert isinstance(found[1], RoomAccess)
     # The same session once its time has passed: nobody.
@@ -145,11 +145,11 @@ async def test_by_session_cookie_current_expired_and_unknown(
         row = await session.get(Session, await _session_id(db, cookie))
         assert row is not None
         row.expires_at = utcnow() - dt.timedelta(seconds=1)
-    assert await admission(db.sessions, place.room_id, session_token=cookie) is None
-    assert await admission(db.sessions, place.room_id, session_token="x" * 43) is None
+    assert await admission(db, place.room_id, session_token=cookie) is None
+    assert await admission(db, place.room_id, session_token="x" * 43) is None
     # A disabled user's session (were it still there) admits nobody either.
     stale, _ = await create_session(db.sessions, place.disabled, ttl=600)
-    assert await admission(db.sessions, place.room_id, session_token=stale) is None
+    assert await admission(db, place.room_id, session_token=stale) is None
 
 
 async def _session_id(db: Database, cookie: str) -> int:
