@@ -12,7 +12,19 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sqlalchemy import Connection, and_, bindparam, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    String,
+    and_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.database import Database
@@ -54,9 +66,7 @@ async def append_messages(
     return await db.transact(lambda conn: _append(conn, room_id, batch, author_names))
 
 
-# Built once: the hot path then only binds values (no statement construction or
-# cache-key work per message batch).
-_EXISTING = select(
+_EXISTING_COLUMNS = (
     ChatMessage.seq,
     ChatMessage.author_id,
     ChatMessage.client_id,
@@ -65,12 +75,40 @@ _EXISTING = select(
     ChatMessage.edited_at,
     ChatMessage.deleted_at,
     ChatMessage.edit_seq,
-).where(
+)
+# Built once: the hot path then only binds values (no statement construction or
+# cache-key work per message batch).
+_EXISTING = select(*_EXISTING_COLUMNS).where(
     ChatMessage.room_id == bindparam("room"),
     # Expanding INs keep one statement for any batch size; the exact pairs are
     # picked in Python. (A row-value IN would make SQLite scan the whole room.)
     ChatMessage.author_id.in_(bindparam("authors", expanding=True)),
     ChatMessage.client_id.in_(bindparam("clients", expanding=True)),
+)
+# PostgreSQL planned the statement above as a scan of the room's (room_id,
+# edit_seq) index with a filter, even after ANALYZE: 2.6 ms per batch at 22,000
+# messages in the room, growing with it. Joining the exact pairs, unnested from
+# two arrays, makes it one probe of the unique (room_id, author_id, client_id)
+# index per message.
+_PAIRS = (
+    func.unnest(
+        cast(bindparam("author_list"), ARRAY(BigInteger)),
+        cast(bindparam("client_list"), ARRAY(String)),
+    )
+    .table_valued("author_id", "client_id")
+    .render_derived(name="pairs")
+)
+_EXISTING_PG = (
+    select(*_EXISTING_COLUMNS)
+    .select_from(_PAIRS)
+    .join(
+        ChatMessage,
+        and_(
+            ChatMessage.room_id == bindparam("room"),
+            ChatMessage.author_id == _PAIRS.c.author_id,
+            ChatMessage.client_id == _PAIRS.c.client_id,
+        ),
+    )
 )
 _ADVANCE = (
     update(Room)
@@ -90,14 +128,24 @@ def _append(
 ) -> list[StoredMessage]:
     keys = list({(m.author_id, m.client_id) for m in batch})
     # Core statements, not the ORM: this is the hot path of every message.
-    rows = conn.execute(
-        _EXISTING,
-        {
-            "room": room_id,
-            "authors": sorted({a for a, _ in keys}),
-            "clients": sorted({c for _, c in keys}),
-        },
-    )
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            _EXISTING_PG,
+            {
+                "room": room_id,
+                "author_list": [a for a, _ in keys],
+                "client_list": [c for _, c in keys],
+            },
+        )
+    else:
+        rows = conn.execute(
+            _EXISTING,
+            {
+                "room": room_id,
+                "authors": sorted({a for a, _ in keys}),
+                "clients": sorted({c for _, c in keys}),
+            },
+        )
     wanted = set(keys)
     existing = {
         (r.author_id, r.client_id): StoredMessage(
