@@ -49,6 +49,7 @@ from rooms.metrics import Metrics
 from rooms.outbox import Outbox, OutboxFull
 from rooms.projection import ProjectionFailed, Projector
 from rooms.resync import Resync
+from rooms.step2_cache import Step2Cache
 from rooms.worker import DocumentWorker, WorkerFailed, WorkerRefused
 from rooms.ysync import (
     AwarenessEntry,
@@ -212,10 +213,9 @@ class LiveDocument:
             # Never serve an empty document in place of stored state.
             log.error("document %s/%s does not load: %s", room_id, name, exc)
             raise DocumentUnavailable() from None
-        # The step 2 for a client that has nothing yet (every fresh join): encoding
-        # a long document takes milliseconds, so it is made once and kept until
-        # the document changes (``_apply_live`` drops it).
-        self._full_sync: bytes | None = None
+        # What a client that has nothing yet (every fresh join) is sent, kept
+        # between joins; ``_apply_live`` tells it every change.
+        self._fresh_sync = Step2Cache()
         self.stored_bytes = stored.stored_bytes
         self.snapshot_bytes = len(stored.snapshot or b"")
         self.log_rows = len(stored.updates)
@@ -267,10 +267,8 @@ class LiveDocument:
     def sync(self, conn: DocConnection, state_vector: bytes) -> None:
         """Answer a client's sync step 1 and make the connection live, in one step."""
         if state_vector == EMPTY_STATE_VECTOR:
-            frame = self._full_sync
-            if frame is None:
-                frame = self._full_sync = create_sync_step2(self.doc.get_update())
-            conn.offer(frame)
+            for frame in self._fresh_sync.frames(self.doc.get_update):
+                conn.offer(frame)
             conn.live = True
             return
         try:
@@ -283,10 +281,14 @@ class LiveDocument:
         conn.live = True
 
     def _apply_live(self, update: bytes) -> None:
-        """Every change to the live copy goes through here: it makes the cached
-        step 2 stale (raises ``crdt.UpdateRejected``)."""
-        self._full_sync = None
-        crdt.apply(self.doc, update)
+        """Every change to the live copy goes through here, so the kept step 2
+        for fresh clients follows it (raises ``crdt.UpdateRejected``)."""
+        try:
+            crdt.apply(self.doc, update)
+        except BaseException:
+            self._fresh_sync.drop()  # the copy may be half-changed
+            raise
+        self._fresh_sync.applied(update)
 
     def detach(self, conn: DocConnection) -> None:
         """Forget a connection; its awareness state is announced as removed."""

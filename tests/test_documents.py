@@ -53,10 +53,11 @@ async def test_late_joiner_gets_the_stored_state(
 async def test_every_fresh_joiner_gets_the_document_as_it_is_now(
     server: ServerProcess, world: World
 ) -> None:
-    """The server keeps the step 2 it sends a client with an empty document for the
-    next one, until the document changes. After an insert, and after a deletion
-    (which leaves the state vector as it was), the next fresh client's step 2 alone
-    holds the change."""
+    """The server keeps what it sends a client with an empty document for the next
+    one, and follows the document's changes (one update with what changed since,
+    then the kept step 2). After an insert, and after a deletion (which leaves the
+    state vector as it was), the next fresh client holds the document as it is
+    once its step 2 has come."""
     ana, lars = world.members[:2]
     text = "hello world"
 
@@ -67,7 +68,7 @@ async def test_every_fresh_joiner_gets_the_document_as_it_is_now(
         async with yclient(
             server, world.room_id, "fresh", await lars.token(world.room_id)
         ) as b:
-            return read(b.doc)  # as of its step 2: nothing else has come yet
+            return read(b.doc)  # as of its step 2
 
     async with (
         yclient(server, world.room_id, "fresh", await ana.token(world.room_id)) as a,
@@ -84,7 +85,7 @@ async def test_every_fresh_joiner_gets_the_document_as_it_is_now(
             # The watcher has it live, so the server has applied it before the join.
             await w.wait_for(lambda: read(w.doc) == read(a.doc))
             assert await fresh_joiner_reads() == read(a.doc)
-            assert await fresh_joiner_reads() == read(a.doc)  # the kept step 2
+            assert await fresh_joiner_reads() == read(a.doc)
         assert read(a.doc) == "world"
         assert a.doc.get_state() == state_vector  # the deletion made no new items
 

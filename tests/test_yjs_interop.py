@@ -300,6 +300,39 @@ async def fresh_view(
         return late.activities()
 
 
+async def test_a_stock_client_is_synced_with_the_document_as_it_is(
+    server: ServerProcess, world: World
+) -> None:
+    """The server keeps what it sends a fresh client and sends the edits made since
+    as an update before the kept step 2. A stock provider (pending structs, then the
+    step 2) must hold every activity, edits and a removal included, at its sync."""
+    ana, lars, maria = world.members
+    async with yclient(
+        server, world.room_id, "kept", await ana.token(world.room_id)
+    ) as py:
+        await py.edit(add_activity("a1", title="First"))
+        await py.edit(add_activity("a2", title="Second"))
+        async with yclient(
+            server, world.room_id, "kept", await maria.token(world.room_id)
+        ):
+            pass  # a fresh client: the server now keeps this step 2
+        await py.edit(add_activity("a3", title="Third"))
+        await py.edit(set_field("a1", "title", "First (changed)"))
+        await py.edit(lambda d: d.get("activities", type=pycrdt.Array).pop(1))
+        expected = py.activities()
+        assert ids(expected) == ["a1", "a3"]
+        async with yclient(
+            server, world.room_id, "kept", await maria.token(world.room_id)
+        ) as watcher:
+            await watcher.wait_for(lambda: watcher.activities() == expected)
+        async with node_client(
+            server, world.room_id, "kept", await lars.token(world.room_id)
+        ) as js:
+            synced = [e for e in js.events if e["event"] == "sync" and e["synced"]]
+            assert synced, js.diagnostics()
+            assert synced[0]["activities"] == expected
+
+
 async def test_node_and_python_clients_converge(
     server: ServerProcess, world: World
 ) -> None:
@@ -423,7 +456,7 @@ async def test_node_client_reconnects_after_restart_and_merges_offline_edits(
             mark = js.mark()
             await anyio.to_thread.run_sync(proc.start)
             await js.wait_event(
-                lambda e: e == {"event": "sync", "synced": True}, since=mark
+                lambda e: e["event"] == "sync" and e["synced"], since=mark
             )
             assert {"event": "status", "status": "connected"} in js.events[mark:]
 

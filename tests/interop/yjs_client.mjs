@@ -9,7 +9,8 @@
 // stdin: one JSON command a line, each with a "seq" that its reply repeats.
 // stdout: one JSON object a line, either a reply {"reply": seq, "ok": true, "result": ...}
 // ({"ok": false, "error": "..."} on failure) or an event {"event": NAME, ...}:
-//   ready {clientID}; status {status}; sync {synced}; connection-close {code, reason};
+//   ready {clientID}; status {status}; sync {synced, activities} (the activities as the
+//   document holds them at that moment); connection-close {code, reason};
 //   connection-error {message}; closed {code, reason} (the provider gave up);
 //   denied {reason} (the server's auth message [2, 0, reason]); update {remote, bytes};
 //   awareness {added, updated, removed} (changes from others).
@@ -62,7 +63,7 @@ provider.on('status', ({ status: s }) => {
   status = s
   out({ event: 'status', status: s })
 })
-provider.on('sync', (synced) => out({ event: 'sync', synced }))
+provider.on('sync', (synced) => out({ event: 'sync', synced, activities: activities.toJSON() }))
 provider.on('connection-close', (event) =>
   out({ event: 'connection-close', code: event ? event.code : null, reason: event ? event.reason : null })
 )
