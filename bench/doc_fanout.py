@@ -675,6 +675,8 @@ class IdleResult:
     rss_after_kib: int = 0
     kib_per_connection: float = 0.0
     connect_seconds: float = 0.0
+    # the target's CPU while they connected (upgrade, admission, sync), per socket
+    connect_cpu_ms_per_connection: float = float("nan")
     lost_connections: int = 0
     error: str = ""
 
@@ -692,10 +694,14 @@ def run_idle(target: Target, load: Load) -> IdleResult:
         w0[0].stop()
     result.rss_before_kib = settle_rss(target.pid)
     t0 = time.monotonic()
+    cpu0 = sum(tree_cpu_times(target.pid))
     workers = start_workers(target, load, "idle", docs, load.per_doc)
     try:
         ready = sum(w.read(300)["ready"] for w in workers)
         result.connect_seconds = time.monotonic() - t0
+        result.connect_cpu_ms_per_connection = (
+            (sum(tree_cpu_times(target.pid)) - cpu0) / result.connections * 1e3
+        )
         assert ready == result.connections, f"{ready} of {result.connections}"
         result.rss_after_kib = settle_rss(target.pid)
         for w in workers:
@@ -781,13 +787,16 @@ def tables(out: dict[str, Any]) -> str:
     if out.get("s4"):
         lines.append(f"\nScenario 4: {out['loads']['s4']['desc']}\n")
         lines.append(
-            "| target | connections | KiB/connection | connect s | lost | goal |"
+            "| target | connections | KiB/connection | connect s "
+            "| target CPU ms per connect | lost | goal |"
         )
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for n, r in out["s4"].items():
             lines.append(
                 f"| {n} | {r.get('connections', '')} | {fmt(r.get('kib_per_connection', float('nan')), 1)} | "
-                f"{fmt(r.get('connect_seconds', float('nan')), 1)} | {r.get('lost_connections', '')} | {goals['s4']} |"
+                f"{fmt(r.get('connect_seconds', float('nan')), 1)} | "
+                f"{fmt(r.get('connect_cpu_ms_per_connection', float('nan')), 2)} | "
+                f"{r.get('lost_connections', '')} | {goals['s4']} |"
             )
     return "\n".join(lines)
 
