@@ -11,6 +11,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -62,6 +63,30 @@ def fresh_database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -
         )
     name = f"coilroom_test_{uuid.uuid4().hex[:10]}"
     return create_postgres_database(POSTGRES_ADMIN_URL, name)
+
+
+@pytest.fixture(scope="module")
+def migrated_url(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A fresh database with the whole schema, for one module's storage tests."""
+    from storage import run_migrations
+
+    url = fresh_database_url(backend, tmp_path_factory)
+    run_migrations(url)
+    yield url
+    if backend == "postgres":
+        drop_postgres_database(POSTGRES_ADMIN_URL, url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+async def db(migrated_url: str) -> AsyncIterator[Any]:
+    """``storage.Database`` on ``migrated_url``, open for one test (a module may
+    override it, to clean up after each test)."""
+    from storage import open_database
+
+    async with open_database(migrated_url) as db:
+        yield db
 
 
 @pytest.fixture(scope="session")

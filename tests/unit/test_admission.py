@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import select
 
-from storage import Database, open_database, run_migrations
+from storage import Database
 from storage.accounts import RoomAccess, admission, create_session, hash_secret
 from storage.models import (
     Institution,
@@ -25,27 +24,8 @@ from storage.models import (
     UserRole,
     utcnow,
 )
-from tests.conftest import POSTGRES_ADMIN_URL, fresh_database_url
-from tests.support import drop_postgres_database
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def accounts_url(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    url = fresh_database_url(backend, tmp_path_factory)
-    run_migrations(url)
-    yield url
-    if backend == "postgres":
-        drop_postgres_database(POSTGRES_ADMIN_URL, url.rsplit("/", 1)[1])
-
-
-@pytest.fixture
-async def db(accounts_url: str) -> AsyncIterator[Database]:
-    async with open_database(accounts_url) as db:
-        yield db
 
 
 @dataclass

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -36,7 +36,7 @@ from signaling.store import (
     RedisCallStore,
     StaleCall,
 )
-from storage import Database, open_database, run_migrations
+from storage import Database, open_database
 from storage.calls import record_join, record_leave
 from storage.models import (
     CallParticipant,
@@ -46,8 +46,6 @@ from storage.models import (
     User,
     UserRole,
 )
-from tests.conftest import POSTGRES_ADMIN_URL, fresh_database_url
-from tests.support import drop_postgres_database
 from tests.unit.test_broker import Proxy
 from tests.unit.test_presence_store import REDIS_URL, redis_client  # noqa: F401
 
@@ -352,20 +350,9 @@ LIMITS = CallLimits(
 )
 
 
-@pytest.fixture(scope="module")
-def records_url(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    url = fresh_database_url(backend, tmp_path_factory)
-    run_migrations(url)
-    yield url
-    if backend == "postgres":
-        drop_postgres_database(POSTGRES_ADMIN_URL, url.rsplit("/", 1)[1])
-
-
 @pytest.fixture
-async def db(records_url: str) -> AsyncIterator[Database]:
-    async with open_database(records_url) as db:
+async def db(migrated_url: str) -> AsyncIterator[Database]:
+    async with open_database(migrated_url) as db:
         yield db
         async with db.sessions.begin() as session:
             await session.execute(delete(CallSession))  # stays go with them
@@ -472,7 +459,7 @@ async def calls_of(db: Database) -> dict[int, bool]:
 
 async def test_orphaned_records_are_closed_and_live_ones_kept(
     db: Database,
-    records_url: str,
+    migrated_url: str,
     room: tuple[int, PresenceUser, PresenceUser],
     prefix: str,
     presence: RedisPresence,
@@ -483,7 +470,7 @@ async def test_orphaned_records_are_closed_and_live_ones_kept(
     room_id, ana, lars = room
     async with (
         RedisCallStore(REDIS_URL, presence, key_prefix=prefix + "calls:") as live,
-        sweeper(records_url, prefix) as service,
+        sweeper(migrated_url, prefix) as service,
     ):
         # A call started by a join that was killed, then a real call (the
         # orphan's call never reached Redis, so the room had none).
@@ -514,7 +501,7 @@ async def test_orphaned_records_are_closed_and_live_ones_kept(
 
 async def test_two_processes_close_each_orphan_once(
     db: Database,
-    records_url: str,
+    migrated_url: str,
     room: tuple[int, PresenceUser, PresenceUser],
     prefix: str,
     presence: RedisPresence,
@@ -524,8 +511,8 @@ async def test_two_processes_close_each_orphan_once(
     room_id, ana, lars = room
     async with (
         RedisCallStore(REDIS_URL, presence, key_prefix=prefix + "calls:") as live,
-        sweeper(records_url, prefix) as one,
-        sweeper(records_url, prefix) as two,
+        sweeper(migrated_url, prefix) as one,
+        sweeper(migrated_url, prefix) as two,
     ):
         orphans: set[int] = set()
         orphan_calls: set[int] = set()
@@ -555,7 +542,7 @@ async def test_two_processes_close_each_orphan_once(
 
 async def test_orphans_are_kept_while_redis_is_unreachable(
     db: Database,
-    records_url: str,
+    migrated_url: str,
     room: tuple[int, PresenceUser, PresenceUser],
     prefix: str,
 ) -> None:
@@ -565,7 +552,7 @@ async def test_orphans_are_kept_while_redis_is_unreachable(
     proxy = Proxy()
     await proxy.up()
     try:
-        async with sweeper(records_url, prefix, proxy.url) as service:
+        async with sweeper(migrated_url, prefix, proxy.url) as service:
             call, record = await orphan_join(db, room_id, ana, None)
             assert await service.close_orphans() == (0, 0)
             await proxy.down()
@@ -582,7 +569,7 @@ async def test_orphans_are_kept_while_redis_is_unreachable(
 
 async def test_the_sweep_looks_for_orphans_once_a_minute(
     db: Database,
-    records_url: str,
+    migrated_url: str,
     room: tuple[int, PresenceUser, PresenceUser],
     prefix: str,
 ) -> None:
@@ -591,7 +578,7 @@ async def test_the_sweep_looks_for_orphans_once_a_minute(
     (no Redis) never looks: it closes what it left open when it starts."""
     room_id, ana, _ = room
     _, record = await orphan_join(db, room_id, ana, None)
-    async with sweeper(records_url, prefix) as service:
+    async with sweeper(migrated_url, prefix) as service:
         await service.sweep()
         await service.sweep()
         assert (await stays_of(db))[record] == (None, False)

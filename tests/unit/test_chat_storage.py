@@ -4,32 +4,14 @@ found by its exact (author, client id) pair, whichever query shape the backend u
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from storage import Database, open_database, run_migrations
+from storage import Database
 from storage.chat import NewMessage, append_messages
 from storage.models import Partnership, Room, User, UserRole
-from tests.conftest import POSTGRES_ADMIN_URL, fresh_database_url
-from tests.support import drop_postgres_database
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def chat_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = fresh_database_url(backend, tmp_path_factory)
-    run_migrations(url)
-    yield url
-    if backend == "postgres":
-        drop_postgres_database(POSTGRES_ADMIN_URL, url.rsplit("/", 1)[1])
-
-
-@pytest.fixture
-async def db(chat_url: str) -> AsyncIterator[Database]:
-    async with open_database(chat_url) as db:
-        yield db
 
 
 async def test_retries_are_found_by_their_exact_pair(db: Database) -> None:
