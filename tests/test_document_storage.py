@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pycrdt
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from storage.models import Document, DocumentSnapshot, DocumentUpdate
+from storage.models import ActivityRow, Document, DocumentSnapshot, DocumentUpdate
 from tests.conftest import dedicated_server
 from tests.support import ServerProcess, World
 from tests.yclient import add_activity, yclient
@@ -265,6 +265,77 @@ async def test_corrupt_storage_refuses_instead_of_serving_empty(
             own, world.room_id, "fragile", await ana.token(world.room_id), sync=False
         ) as c:
             assert await c.close_code() == 1013
+
+
+async def test_a_reload_rewrites_only_the_activity_rows_that_differ(
+    own: ServerProcess,
+) -> None:
+    """Loading a document projects it again. Rows that already match are left as
+    they are (a long list is not rewritten at every load); a row changed or lost
+    behind the server's back (a projection a kill -9 cut short) is put right."""
+    async with World.create(own, members=1) as world:
+        ana = world.members[0]
+        token = await ana.token(world.room_id)
+        async with yclient(own, world.room_id, "agreement", token) as a:
+            for i in range(40):
+                await a.edit(
+                    add_activity(
+                        f"r{i}",
+                        title=f"Row {i}",
+                        owner=ana.id,
+                        people=[ana.id],
+                        institutions=[world.institutions[0]],
+                        starts_on="2026-03-01",
+                    )
+                )
+            expected = [x["id"] for x in a.activities()]
+
+        async def overview() -> dict[str, dict]:  # type: ignore[type-arg]
+            r = await ana.http.get(f"/api/rooms/{world.room_id}/activities")
+            assert r.status_code == 200
+            return {x["id"]: x for x in r.json()["activities"]}
+
+        async with asyncio.timeout(10):
+            while list(await overview()) != expected:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # past the idle unload (0.5 s here)
+        before = await overview()
+        engine = create_async_engine(own.database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    update(ActivityRow)
+                    .where(
+                        ActivityRow.room_id == world.room_id,
+                        ActivityRow.activity_id == "r3",
+                    )
+                    .values(title="wrong")
+                )
+                await conn.execute(
+                    delete(ActivityRow).where(
+                        ActivityRow.room_id == world.room_id,
+                        ActivityRow.activity_id == "r7",
+                    )
+                )
+        finally:
+            await engine.dispose()
+        async with yclient(own, world.room_id, "agreement", token):
+            async with asyncio.timeout(10):
+                while (rows := await overview()).get("r3", {}).get(
+                    "title"
+                ) != "Row 3" or "r7" not in rows:
+                    await asyncio.sleep(0.05)
+        after = await overview()
+        assert list(after) == expected
+        rewritten = {
+            k for k in after if after[k]["updated_at"] != before[k]["updated_at"]
+        }
+        assert rewritten == {"r3", "r7"}
+        for key in expected:
+            assert {**after[key], "updated_at": None} == {
+                **before[key],
+                "updated_at": None,
+            }
 
 
 def running(pid: int) -> bool:
