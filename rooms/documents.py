@@ -214,8 +214,11 @@ class LiveDocument:
             log.error("document %s/%s does not load: %s", room_id, name, exc)
             raise DocumentUnavailable() from None
         # What a client that has nothing yet (every fresh join) is sent, kept
-        # between joins; ``_apply_live`` tells it every change.
+        # between joins; ``_apply_live`` tells it every change. A stored snapshot
+        # is such a step 2 already.
         self._fresh_sync = Step2Cache()
+        if stored.snapshot:
+            self._fresh_sync.seed(stored.snapshot, stored.updates)
         self.stored_bytes = stored.stored_bytes
         self.snapshot_bytes = len(stored.snapshot or b"")
         self.log_rows = len(stored.updates)

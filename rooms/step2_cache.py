@@ -67,6 +67,18 @@ class Step2Cache:
             )
         return [*self._tail, self._step2]
 
+    def seed(self, state: bytes, after: list[bytes]) -> None:
+        """Start from a stored snapshot (a whole document's update) and the updates
+        stored after it: the document as just loaded, with nothing to encode."""
+        self._step2, self._after, self._after_bytes, self._tail = (
+            create_sync_step2(state),
+            [],
+            0,
+            None,
+        )
+        for update in after:
+            self.applied(update)
+
     def applied(self, update: bytes) -> None:
         """An update was applied to the document (after the kept state)."""
         if self._step2 is None:

@@ -85,3 +85,18 @@ def test_nothing_is_kept_before_the_first_join_or_after_a_drop() -> None:
     s.cache.drop()
     assert s.cache.kept_bytes == 0
     assert s.join() == ("a", 1)
+
+
+def test_a_seed_from_a_snapshot_and_later_updates_is_the_document() -> None:
+    s = Source()
+    s.change(lambda t: t.insert(0, "stored"))
+    snapshot = s.doc.get_update()
+    before = s.doc.get_state()
+    s.text.insert(6, " and more")
+    logged = s.doc.get_update(before)
+    s.cache.seed(snapshot, [logged])
+    assert s.join() == ("stored and more", 2)
+    assert s.encodings == 0
+    s.change(lambda t: t.__delitem__(slice(0, 7)))
+    assert s.join() == ("and more", 2)
+    assert s.encodings == 0
