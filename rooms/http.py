@@ -10,8 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rooms.access import Authenticator
-from storage.accounts import RoomAccess, UserInfo, room_access
+from rooms.access import MAX_COOKIE_LENGTH, SESSION_COOKIE, Authenticator
+from storage.accounts import RoomAccess, UserInfo, admission
 from storage.models import UserRole
 
 log = logging.getLogger(__name__)
@@ -185,10 +185,21 @@ async def require_admin(request: Request) -> UserInfo:
 
 async def room_member(request: Request) -> tuple[UserInfo, RoomAccess]:
     """The caller and their access to the room in the path: 401 not logged in,
-    404 no such room, 403 not a member."""
-    user = await current_user(request)
-    room_id = path_int(request, "room_id")
-    access = await room_access(request.app.state.db.sessions, room_id, user.id)
+    404 no such room, 403 not a member. One query for all of it (as a socket's
+    admission), on every room request."""
+    try:
+        room_id = path_int(request, "room_id")
+    except ApiError:
+        await current_user(request)  # 401 first, as for a well-formed path
+        raise
+    cookie = request.cookies.get(SESSION_COOKIE)
+    found = None
+    if cookie and len(cookie) <= MAX_COOKIE_LENGTH:
+        found = await admission(request.app.state.db, room_id, session_token=cookie)
+    if found is None:
+        raise ApiError(401, "not_authenticated", "log in first")
+    check_origin(request)
+    user, access = found
     if access is None:
         raise ApiError(404, "not_found", "no such room")
     if access is False:

@@ -144,35 +144,6 @@ async def end_session(sessions: async_sessionmaker[AsyncSession], token: str) ->
         )
 
 
-async def room_access(
-    sessions: async_sessionmaker[AsyncSession], room_id: int, user_id: int
-) -> RoomAccess | bool | None:
-    """The user's access to a room: ``None`` if no such room, ``False`` if not a member."""
-    async with sessions() as session:
-        room = (
-            await session.execute(
-                select(Room, Partnership.title)
-                .join(Partnership, Partnership.id == Room.partnership_id)
-                .where(Room.id == room_id)
-            )
-        ).first()
-        if room is None:
-            return None
-        role = (
-            await session.execute(
-                select(Membership.role).where(
-                    Membership.partnership_id == room[0].partnership_id,
-                    Membership.user_id == user_id,
-                )
-            )
-        ).scalar_one_or_none()
-        if role is None:
-            return False
-        return RoomAccess(
-            room[0].id, room[0].name, room[0].partnership_id, room[1], role
-        )
-
-
 def _admission_query(by_session: bool):  # type: ignore[no-untyped-def]
     """The user, their institution, the room and their role in it, as one row."""
     query = (
@@ -225,8 +196,9 @@ async def admission(
     session_token: str | None = None,
 ) -> tuple[UserInfo, RoomAccess | bool | None] | None:
     """Who is at the door of a room, in one query: the active user (by id, or by a
-    current login session's cookie value) and their access to the room, as
-    ``room_access`` gives it. ``None`` if there is no such active user or session.
+    current login session's cookie value) and their access to the room: ``None``
+    if there is no such room, ``False`` if they are not a member. ``None`` in all
+    if there is no such active user or session.
 
     It runs as one ``Database.read`` (on SQLite one hop to a thread, rows read
     there), not through an ORM session: it is on the path of every socket's open."""
