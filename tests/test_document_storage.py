@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pycrdt
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage.models import ActivityRow, Document, DocumentSnapshot, DocumentUpdate
@@ -114,6 +114,49 @@ async def test_restart_reloads_the_same_state(own: ServerProcess) -> None:
             assert len(b.activities()) == 120
 
 
+async def wait_for_log(
+    server: ServerProcess,
+    room_id: int,
+    name: str,
+    done: Callable[[int | None, list[int]], bool],
+) -> None:
+    """Poll a document's stored form until ``done(the snapshot's last folded update
+    id or None, the ids of the update rows)`` holds (10 s at most)."""
+    engine = create_async_engine(server.database_url)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                async with engine.connect() as conn:
+                    doc_id = (
+                        await conn.execute(
+                            select(Document.id).where(
+                                Document.room_id == room_id, Document.name == name
+                            )
+                        )
+                    ).scalar_one()
+                    upto = (
+                        await conn.execute(
+                            select(DocumentSnapshot.upto_update_id).where(
+                                DocumentSnapshot.document_id == doc_id
+                            )
+                        )
+                    ).scalar_one_or_none()
+                    ids = list(
+                        (
+                            await conn.execute(
+                                select(DocumentUpdate.id).where(
+                                    DocumentUpdate.document_id == doc_id
+                                )
+                            )
+                        ).scalars()
+                    )
+                if done(upto, ids):
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await engine.dispose()
+
+
 async def test_compaction_folds_the_log_into_a_snapshot(
     own: ServerProcess, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -128,40 +171,12 @@ async def test_compaction_folds_the_log_into_a_snapshot(
                     lambda d, i=i: d.get("t", type=pycrdt.Text).insert(0, f"{i % 10}")
                 )
             text = str(a.doc.get("t", type=pycrdt.Text))
-        engine = create_async_engine(own.database_url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    async with engine.connect() as conn:
-                        doc_id = (
-                            await conn.execute(
-                                select(Document.id).where(
-                                    Document.room_id == world.room_id,
-                                    Document.name == "compact",
-                                )
-                            )
-                        ).scalar_one()
-                        snap = (
-                            await conn.execute(
-                                select(DocumentSnapshot.upto_update_id).where(
-                                    DocumentSnapshot.document_id == doc_id
-                                )
-                            )
-                        ).scalar_one_or_none()
-                        rows = len(
-                            (
-                                await conn.execute(
-                                    select(DocumentUpdate.id).where(
-                                        DocumentUpdate.document_id == doc_id
-                                    )
-                                )
-                            ).all()
-                        )
-                    if snap is not None and rows < 50:
-                        break
-                    await asyncio.sleep(0.1)
-        finally:
-            await engine.dispose()
+        await wait_for_log(
+            own,
+            world.room_id,
+            "compact",
+            lambda upto, ids: upto is not None and len(ids) < 50,
+        )
         async with yclient(
             own, world.room_id, "compact", await ana.token(world.room_id)
         ) as b:
@@ -179,38 +194,13 @@ async def test_edits_after_a_compaction_survive_a_restart(own: ServerProcess) ->
                 await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
         # Idle past the unload (0.5 s here), which folds the whole log (while
         # connected, rows under the compaction threshold may stay unfolded).
-        engine = create_async_engine(own.database_url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    async with engine.connect() as conn:
-                        doc_id = (
-                            await conn.execute(
-                                select(Document.id).where(
-                                    Document.room_id == world.room_id,
-                                    Document.name == "refold",
-                                )
-                            )
-                        ).scalar_one()
-                        upto = (
-                            await conn.execute(
-                                select(DocumentSnapshot.upto_update_id).where(
-                                    DocumentSnapshot.document_id == doc_id
-                                )
-                            )
-                        ).scalar_one_or_none()
-                        newest = (
-                            await conn.execute(
-                                select(func.max(DocumentUpdate.id)).where(
-                                    DocumentUpdate.document_id == doc_id
-                                )
-                            )
-                        ).scalar_one()
-                    if upto is not None and (newest is None or newest <= upto):
-                        break  # everything stored is folded
-                    await asyncio.sleep(0.05)
-        finally:
-            await engine.dispose()
+        await wait_for_log(
+            own,
+            world.room_id,
+            "refold",
+            # everything stored is folded
+            lambda upto, ids: upto is not None and (not ids or max(ids) <= upto),
+        )
         async with yclient(own, world.room_id, "refold", token) as a:
             for i in range(200, 205):
                 await a.edit(lambda d, i=i: d.get("log", type=pycrdt.Array).append(i))
