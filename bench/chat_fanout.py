@@ -241,6 +241,17 @@ class FanoutResult:
         return float(statistics.median(getattr(w, name) for w in self.windows))
 
 
+def add_report_counts(result: Any, reports: list[dict[str, Any]]) -> None:
+    """Add the load generators' error, lost-connection and unsent counts (and
+    samples) to a result that has those fields."""
+    for r in reports:
+        result.errors += r["errors"]
+        result.error_samples += r["error_samples"]
+        result.lost_connections += r["lost_count"]
+        result.lost_samples += r["lost"]
+        result.unsent += r["unsent"]
+
+
 def window_schedule(
     *, lead: float, warmup: float, window: float, reps: int, drain: float
 ) -> dict[str, Any]:
@@ -316,12 +327,7 @@ def run_fanout(
         for w in workers:
             w.stop()
     result = FanoutResult(target)
-    for r in reports:
-        result.errors += r["errors"]
-        result.error_samples += r["error_samples"]
-        result.lost_connections += r["lost_count"]
-        result.lost_samples += r["lost"]
-        result.unsent += r["unsent"]
+    add_report_counts(result, reports)
     ours = {pid, os.getpid(), *(w.pid for w in workers)}
     result.windows = [
         window_result(

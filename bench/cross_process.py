@@ -51,6 +51,7 @@ import uvloop
 
 from bench.chat_fanout import (
     Worker,
+    add_report_counts,
     all_cpu,
     chat_metrics,
     command_line,
@@ -467,13 +468,8 @@ def measure(
         for w in procs:
             w.stop()
     ours = {*pids, *dep.children(), os.getpid(), *(w.pid for w in procs)}
-    for r in reports:
-        result.errors += r["errors"]
-        result.error_samples += r["error_samples"]
-        result.lost_connections += r["lost_count"]
-        result.lost_samples += r["lost"]
-        result.unsent += r["unsent"]
-        result.echoes += r["echoes"]
+    add_report_counts(result, reports)
+    result.echoes += sum(r["echoes"] for r in reports)
     for k in range(timing.reps):
         result.windows.append(
             window_result(
